@@ -1,0 +1,189 @@
+"""Reference digit classifier that judges generated digits (class_fidelity).
+
+It is a small CNN trained by the project on shipped test-split digits outside the
+default training subset (the first 2,000), scored on a held-out part of them, and cached
+with its accuracy in ``classifier.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glo_search import data
+from glo_search.io import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the architecture, data or training below change
+TRAIN_RANGE = (2000, 9000)  # shipped test-split indices used for training
+HELD_OUT_RANGE = (9000, 10000)  # shipped test-split indices used for the accuracy
+MIN_ACCURACY = 0.97
+EPOCHS = 10
+BATCH_SIZE = 64
+SEED = 1234
+
+
+class DigitClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 32, 13, 13)
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 64, 5, 5)
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, 10) logits
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """What a user needs to trust the classifier: its accuracy and what it saw."""
+
+    version: int
+    held_out_accuracy: float
+    train_indices: tuple[int, int]
+    held_out_indices: tuple[int, int]
+    epochs: int
+    weights: str
+
+
+def cache_dir() -> Path:
+    """Folder of cached files: $GLO_SEARCH_CACHE, else ~/.cache/glo-search."""
+    root = os.environ.get("GLO_SEARCH_CACHE") or Path.home() / ".cache" / "glo-search"
+    return Path(root)
+
+
+def _paths(folder: Path) -> tuple[Path, Path]:
+    stem = f"digit-classifier-v{VERSION}"
+    return folder / f"{stem}.pt", folder / f"{stem}.json"
+
+
+def _train(images: torch.Tensor, labels: torch.Tensor) -> DigitClassifier:
+    generator = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    model = DigitClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for epoch in range(EPOCHS):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), BATCH_SIZE):
+            batch = order[start : start + BATCH_SIZE]
+            augmented = _random_affine(images[batch], generator)
+            loss = F.cross_entropy(model(augmented), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        logger.info("digit classifier: epoch %d/%d done", epoch + 1, EPOCHS)
+    return model.eval()
+
+
+def _random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rotate by up to 10 degrees and shift by up to 2 pixels, so that slightly
+    off-centre or tilted generated digits are still judged by their shape."""
+    count = len(images)
+    angle = (torch.rand(count, generator=generator) * 2 - 1) * math.radians(10)
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * (2 / 14)  # 2 px of 28
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, shift[:, 0]], 1),
+            torch.stack([sin, cos, shift[:, 1]], 1),
+        ],
+        dim=1,
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Return predicted labels (N,) for images (N, 1, 28, 28)."""
+    chunks = [
+        model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def train_and_cache(folder: Path) -> ClassifierInfo:
+    images, labels = data.load_shipped()
+    train = slice(*TRAIN_RANGE)
+    held_out = slice(*HELD_OUT_RANGE)
+    logger.info(
+        "training the reference digit classifier on %d shipped digits (once, cached in %s)",
+        TRAIN_RANGE[1] - TRAIN_RANGE[0],
+        folder,
+    )
+    model = _train(images[train], labels[train])
+    accuracy = (predict(model, images[held_out]) == labels[held_out]).float().mean().item()
+    weights_path, info_path = _paths(folder)
+    info = ClassifierInfo(
+        VERSION,
+        round(accuracy, 4),
+        TRAIN_RANGE,
+        HELD_OUT_RANGE,
+        EPOCHS,
+        str(weights_path),
+    )
+    if accuracy < MIN_ACCURACY:
+        raise RuntimeError(
+            f"reference digit classifier reached held-out accuracy {accuracy:.4f}, "
+            f"below the required {MIN_ACCURACY}; class_fidelity would not be trustworthy"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = _state_bytes(model)
+    atomic_write_bytes(weights_path, buffer)
+    atomic_write_text(info_path, json.dumps(asdict(info), indent=2) + "\n")
+    logger.info("digit classifier held-out accuracy: %.4f", accuracy)
+    return info
+
+
+def _state_bytes(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def load_info(folder: Path | None = None) -> ClassifierInfo:
+    """Return the cached classifier's info, training and caching it on first use."""
+    folder = folder or cache_dir()
+    weights_path, info_path = _paths(folder)
+    if weights_path.is_file() and info_path.is_file():
+        try:
+            values = json.loads(info_path.read_text())
+            values["train_indices"] = tuple(values["train_indices"])
+            values["held_out_indices"] = tuple(values["held_out_indices"])
+            return ClassifierInfo(**values)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("cached classifier info %s is unreadable; retraining", info_path)
+    return train_and_cache(folder)
+
+
+def load_state(folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """Return the classifier's state dict (training it on first use)."""
+    folder = folder or cache_dir()
+    load_info(folder)
+    weights_path, _ = _paths(folder)
+    return torch.load(weights_path, map_location="cpu", weights_only=True)
+
+
+def build(state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> DigitClassifier:
+    model = DigitClassifier()
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)

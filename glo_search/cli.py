@@ -1,0 +1,308 @@
+"""Command-line interface: a thin layer over glo_search.search and glo_search.single."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from glo_search.config import FIELDS, ConfigError, TrainConfig, flag, from_dict
+from glo_search.data import DataError
+from glo_search.metrics import METRICS
+
+logger = logging.getLogger("glo_search")
+
+DEFAULTS = TrainConfig()
+# Fields with their own sweep flags: --max-epochs sets epochs, --seed seeds both.
+SWEEP_OWN_FLAGS = ("epochs", "seed")
+
+
+def _field_help(name: str) -> str:
+    meta = FIELDS[name].metadata
+    unit = f"; unit: {meta['unit']}" if meta["unit"] else ""
+    return f"{meta['help']} (default: {getattr(DEFAULTS, name)!r}{unit})"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names, sweep: bool) -> None:
+    group = parser.add_argument_group(
+        "hyperparameters" if not sweep else "fixed hyperparameters",
+        None if not sweep else "values every trial uses unless the search space varies them",
+    )
+    for name in names:
+        field_type = FIELDS[name].type
+        if field_type == "bool":
+            group.add_argument(
+                flag(name),
+                dest=name,
+                action="store_true",
+                default=None if sweep else getattr(DEFAULTS, name),
+                help=_field_help(name),
+            )
+            continue
+        kind = {"int": int, "float": float, "str": str}[field_type]
+        group.add_argument(
+            flag(name),
+            dest=name,
+            type=kind,
+            metavar=name.upper(),
+            default=None if sweep else getattr(DEFAULTS, name),
+            help=_field_help(name),
+        )
+
+
+def _metric_help() -> str:
+    return f"metric to optimize, one of {', '.join(METRICS)} (default: disentanglement)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glo-search",
+        description="Hyperparameter search for class/content disentanglement by latent "
+        "optimization (GLO) on MNIST digits, with Ray Tune, Optuna and ASHA.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_sweep(commands)
+    commands.add_parser(
+        "spaces",
+        help="list the named search spaces",
+        description="List the named search spaces and what each varies.",
+    )
+    commands.add_parser(
+        "classifier",
+        help="show (and train on first use) the reference digit classifier",
+        description="Show the reference digit classifier's held-out accuracy and cache "
+        "path, training it first if it is not cached.",
+    )
+    return parser
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one configuration (no Ray) with TensorBoard logs and checkpoints",
+        description="Train one GLO configuration and write TensorBoard logs, config.json, "
+        "epochs.parquet, best.pt (best epoch by --metric) and last.pt into --out.",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: glo-runs/train-<time>)",
+    )
+    train.add_argument(
+        "--metric",
+        default="disentanglement",
+        choices=list(METRICS),
+        metavar="METRIC",
+        help=_metric_help() + "; selects best.pt",
+    )
+    train.add_argument(
+        "--device",
+        default=None,
+        choices=["cpu", "cuda"],
+        help="device (default: cuda when available, else cpu)",
+    )
+    _add_config_flags(train, FIELDS, sweep=False)
+
+
+def _add_sweep(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="search hyperparameters with Ray Tune, Optuna and ASHA",
+        description="Run a hyperparameter sweep: Optuna proposes configurations from the "
+        "search space, ASHA stops weak trials early, and results go to "
+        "STORAGE/NAME (trials.parquet, epochs.parquet, optuna.db, one folder per trial).",
+    )
+    sweep.add_argument(
+        "--space",
+        default="default",
+        help="search space name (see `glo-search spaces`) or a .py file "
+        "defining SPACE (default: default)",
+    )
+    sweep.add_argument(
+        "--num-samples", type=int, default=16, help="number of trials (default: 16)"
+    )
+    sweep.add_argument(
+        "--max-epochs",
+        type=int,
+        default=20,
+        help="epochs of a trial that is never stopped early; ASHA's max_t "
+        "(default: 20; unit: epochs)",
+    )
+    sweep.add_argument(
+        "--metric",
+        default="disentanglement",
+        choices=list(METRICS),
+        metavar="METRIC",
+        help=_metric_help(),
+    )
+    sweep.add_argument(
+        "--scheduler",
+        default="asha",
+        choices=["asha", "hyperband", "median", "fifo"],
+        help="early-stopping scheduler (default: asha)",
+    )
+    sweep.add_argument(
+        "--sampler",
+        default="tpe",
+        choices=["tpe", "random"],
+        help="Optuna sampler (default: tpe)",
+    )
+    sweep.add_argument(
+        "--grace-period",
+        type=int,
+        default=2,
+        help="epochs before a trial can be stopped (ASHA, median) (default: 2; unit: epochs)",
+    )
+    sweep.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=3,
+        help="ASHA/HyperBand eta: a rung keeps the best 1/eta of trials (default: 3)",
+    )
+    sweep.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials running at once (default: as many as CPUs/GPUs allow)",
+    )
+    sweep.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=1,
+        help="CPUs reserved per trial, also its torch threads (default: 1)",
+    )
+    sweep.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0,
+        help="GPUs per trial, fractions allowed, e.g. 0.25 (default: 0)",
+    )
+    sweep.add_argument(
+        "--storage",
+        default="glo-runs",
+        help="folder under which the experiment folder is made (default: glo-runs)",
+    )
+    sweep.add_argument(
+        "--name",
+        default=None,
+        help="experiment folder name (default: <space>-<date>-<time>)",
+    )
+    sweep.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the sampler and of every trial's training (default: 0)",
+    )
+    sweep.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address, e.g. 10.0.0.5:6379 (default: start Ray on this machine)",
+    )
+    _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
+
+
+def _config_values(args: argparse.Namespace, names) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from glo_search.single import train_run
+
+    config = from_dict(_config_values(args, FIELDS))
+    out = args.out or Path("glo-runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    history = train_run(config, out, metric=args.metric, device=args.device)
+    print(f"\nwrote {len(history)} epochs to {out.resolve()}")
+    print(f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from glo_search.results import best_trials_table, read_experiment
+    from glo_search.search import make_scheduler, sweep
+
+    fixed = _config_values(args, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS])
+    fixed["seed"] = args.seed
+    scheduler = make_scheduler(
+        args.scheduler, args.max_epochs, args.grace_period, args.reduction_factor
+    )
+    grid = sweep(
+        args.space,
+        metric=args.metric,
+        num_samples=args.num_samples,
+        max_epochs=args.max_epochs,
+        base_config=fixed,
+        scheduler=scheduler,
+        sampler=args.sampler,
+        storage=args.storage,
+        name=args.name,
+        max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        seed=args.seed,
+        address=args.address,
+    )
+    experiment_dir = Path(grid.experiment_path)
+    trials, _ = read_experiment(experiment_dir)
+    print()
+    print(best_trials_table(trials, args.metric))
+    print(f"\nexperiment folder: {experiment_dir}")
+    print(f"Optuna study: {experiment_dir / 'optuna.db'}")
+    if grid.errors:
+        print(f"{len(grid.errors)} trial(s) failed; see the error.txt in their trial folders")
+    return 0
+
+
+def _run_spaces(args: argparse.Namespace) -> int:
+    import search_spaces
+
+    for name in search_spaces.names():
+        print(f"{name:10s} {search_spaces.load(name).description}")
+    return 0
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    from glo_search import classifier
+
+    info = classifier.load_info()
+    print(
+        f"held-out accuracy: {info.held_out_accuracy:.4f} on shipped test-split digits "
+        f"{info.held_out_indices[0]}-{info.held_out_indices[1] - 1}"
+    )
+    print(
+        f"trained on digits {info.train_indices[0]}-{info.train_indices[1] - 1}, "
+        f"{info.epochs} epochs"
+    )
+    print(f"weights: {info.weights}")
+    return 0
+
+
+COMMANDS = {
+    "train": _run_train,
+    "sweep": _run_sweep,
+    "spaces": _run_spaces,
+    "classifier": _run_classifier,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError) as error:
+        print(f"glo-search: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

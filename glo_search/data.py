@@ -1,0 +1,130 @@
+"""MNIST digits: the test split shipped with the package, or torchvision's MNIST.
+
+The shipped files are the MNIST test split (10,000 digits) in IDX format, gzip-compressed,
+under ``glo_search/mnist_data`` with their license note (CC BY-SA 3.0).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glo_search.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_DIR = Path(__file__).parent / "mnist_data"
+SHIPPED_IMAGES = SHIPPED_DIR / "t10k-images-idx3-ubyte.gz"
+SHIPPED_LABELS = SHIPPED_DIR / "t10k-labels-idx1-ubyte.gz"
+IMAGES_MAGIC = 2051  # IDX: unsigned bytes, 3 dimensions
+LABELS_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
+NUM_CLASSES = 10
+
+
+class DataError(ValueError):
+    """A data file that is missing, truncated or not in the expected format."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training digits held as whole tensors, so batches are plain index operations."""
+
+    images: torch.Tensor  # (N, 1, 28, 28) float32 in [0, 1]
+    labels: torch.Tensor  # (N,) int64
+    name: str
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise DataError(f"MNIST file not found: {path}")
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"cannot read MNIST file {path}: {error}") from error
+
+
+def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzip-compressed when the name ends in .gz)."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != expected_magic:
+        raise DataError(
+            f"{path}: IDX magic number {magic}, expected {expected_magic} "
+            "(is this the right file, and not corrupt?)"
+        )
+    ndim = magic & 0xFF
+    header_size = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header_size])
+    expected_size = header_size + int(np.prod(shape))
+    if len(raw) != expected_size:
+        raise DataError(f"{path}: {len(raw)} bytes, expected {expected_size} for shape {shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return pixels, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_shipped(
+    images_path: str | Path = SHIPPED_IMAGES, labels_path: str | Path = SHIPPED_LABELS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load the whole shipped test split: images (10000, 1, 28, 28) and labels."""
+    images = read_idx(images_path, IMAGES_MAGIC)
+    labels = read_idx(labels_path, LABELS_MAGIC)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{images_path} has {images.shape[0]} images but {labels_path} has "
+            f"{labels.shape[0]} labels"
+        )
+    return _to_tensors(images, labels)
+
+
+def load_torchvision(root: str, split: str, download: bool):
+    """Load torchvision's MNIST split from root, downloading it only when asked."""
+    from torchvision.datasets import MNIST
+
+    try:
+        mnist = MNIST(root, train=split == "train", download=download)
+    except RuntimeError as error:
+        hint = "" if download else "; add --download to fetch it (needs a network)"
+        raise DataError(f"MNIST {split} split not found under {root!r}{hint}") from error
+    except OSError as error:  # network failures during download
+        raise DataError(f"downloading MNIST into {root!r} failed: {error}") from error
+    return _to_tensors(mnist.data.numpy(), mnist.targets.numpy())
+
+
+def load_split(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    if config.dataset == "shipped":
+        return load_shipped()
+    return load_torchvision(config.data_root, config.split, config.download)
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+    """Return the first config.num_images digits of the configured split."""
+    images, labels = load_split(config)
+    if config.num_images > len(labels):
+        raise DataError(
+            f"num_images={config.num_images} but the {config.dataset} "
+            f"{config.split} split has {len(labels)} images; lower --num-images"
+        )
+    name = f"{config.dataset}-{config.split}[:{config.num_images}]"
+    n = config.num_images
+    return Dataset(images[:n].contiguous(), labels[:n].contiguous(), name)

@@ -1,0 +1,208 @@
+"""Disentanglement metrics reported every epoch.
+
+The names in :data:`METRICS` are shared by the trainable, the scheduler, the searcher,
+the Parquet files and the analysis. All metrics lie in [0, 1], so each has a finite
+worst value that a diverged trial reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glo_search.losses import recon_error as recon_error_fn
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    mode: str  # "max" or "min": the direction in which the metric improves
+    description: str
+
+    @property
+    def worst(self) -> float:
+        return 0.0 if self.mode == "max" else 1.0
+
+
+METRICS: dict[str, MetricSpec] = {
+    "recon_error": MetricSpec(
+        "min", "1/2 mean absolute + 1/2 mean squared pixel error, clean codes"
+    ),
+    "ideal_neighbour_accuracy": MetricSpec(
+        "max", "share of classes whose nearest class code is an ideal neighbour"
+    ),
+    "class_fidelity": MetricSpec(
+        "max", "share of cross-class swaps the reference classifier labels as the class"
+    ),
+    "style_transfer": MetricSpec(
+        "max", "correlation of style attributes between content source and swap output"
+    ),
+    "disentanglement": MetricSpec("max", "class_fidelity x style_transfer"),
+    "content_leakage": MetricSpec(
+        "min", "held-out accuracy of a logistic-regression label probe on content codes"
+    ),
+}
+
+# Nearest digits by shape: for each digit, the digits its class code should sit closest to.
+IDEAL_NEIGHBOURS: dict[int, tuple[int, ...]] = {
+    0: (3, 8, 9),
+    1: (4, 7),
+    2: (3, 5, 8),
+    3: (0, 8),
+    4: (1, 7),
+    5: (2, 3),
+    6: (3, 8, 9),
+    7: (1, 4),
+    8: (0, 3),
+    9: (3, 8),
+}
+STYLE_ATTRIBUTES = ("thickness", "slant", "width")
+
+
+def metric_mode(name: str) -> str:
+    """Return "max" or "min" for a metric name, raising ValueError for unknown names."""
+    try:
+        return METRICS[name].mode
+    except KeyError:
+        raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(METRICS)}") from None
+
+
+def nearest_classes(class_codes: torch.Tensor | np.ndarray) -> list[int]:
+    """For each class code (row), return the index of its nearest other class code.
+
+    Distances are Euclidean; ties go to the lower index.
+    """
+    codes = torch.as_tensor(class_codes, dtype=torch.float64)
+    if codes.ndim != 2 or codes.shape[0] < 2:
+        raise ValueError(f"class_codes must be (num_classes >= 2, dim), got {tuple(codes.shape)}")
+    distances = torch.cdist(codes, codes)  # (K, K)
+    distances.fill_diagonal_(float("inf"))
+    return distances.argmin(dim=1).tolist()
+
+
+def ideal_neighbour_accuracy(
+    nearest: Sequence[int], ideal: Mapping[int, Sequence[int]] = IDEAL_NEIGHBOURS
+) -> float:
+    """Return the share of classes k whose nearest class, nearest[k], is in ideal[k].
+
+    Classes missing from ``ideal`` are skipped; with none left the result is 0.
+    """
+    scored = [k for k in range(len(nearest)) if k in ideal]
+    if not scored:
+        return 0.0
+    hits = sum(1 for k in scored if nearest[k] in ideal[k])
+    return hits / len(scored)
+
+
+def style_attributes(images: torch.Tensor) -> torch.Tensor:
+    """Return (N, 3) style attributes of (N, 1, H, W) images: thickness, slant, width.
+
+    Thickness is 2 * ink mass / ink perimeter (a stroke of width w and length L has mass
+    w*L and perimeter about 2L); the perimeter is the total gradient magnitude. Slant is
+    mu11 / mu02 and width is sqrt(mu20), from the second-order central moments of the ink
+    in pixels.
+    """
+    x = images[:, 0].double()  # (N, H, W)
+    height, width = x.shape[1:]
+    ys = torch.arange(height, dtype=x.dtype, device=x.device).view(1, -1, 1)
+    xs = torch.arange(width, dtype=x.dtype, device=x.device).view(1, 1, -1)
+    mass = x.sum(dim=(1, 2)).clamp_min(1e-8)  # (N,)
+    mean_x = (x * xs).sum(dim=(1, 2)) / mass
+    mean_y = (x * ys).sum(dim=(1, 2)) / mass
+    dx = xs - mean_x.view(-1, 1, 1)
+    dy = ys - mean_y.view(-1, 1, 1)
+    mu20 = (x * dx * dx).sum(dim=(1, 2)) / mass
+    mu02 = (x * dy * dy).sum(dim=(1, 2)) / mass
+    mu11 = (x * dx * dy).sum(dim=(1, 2)) / mass
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
+    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
+    perimeter = torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)).clamp_min(1e-8)
+    thickness = 2 * mass / perimeter
+    slant = mu11 / mu02.clamp_min(1e-8)
+    return torch.stack([thickness, slant, mu20.sqrt()], dim=1).float()
+
+
+@dataclass(frozen=True)
+class Swaps:
+    """Cross-class swaps: content of image sources[j] rendered as class targets[j]."""
+
+    sources: torch.Tensor  # (M,) indices into the training images
+    targets: torch.Tensor  # (M,) target classes, never the source's own label
+
+
+def build_swaps(labels: torch.Tensor, num_sources: int, seed: int, num_classes: int = 10) -> Swaps:
+    """Pair num_sources random images with every class other than their own label."""
+    generator = torch.Generator().manual_seed(seed)
+    count = min(num_sources, len(labels))
+    chosen = torch.randperm(len(labels), generator=generator)[:count]
+    sources, targets = [], []
+    for target in range(num_classes):
+        keep = chosen[labels[chosen] != target]
+        sources.append(keep)
+        targets.append(torch.full_like(keep, target))
+    return Swaps(torch.cat(sources), torch.cat(targets))
+
+
+def class_fidelity(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of swap outputs that the classifier labels as their target class."""
+    if len(targets) == 0:
+        return 0.0
+    return (predicted.cpu() == targets.cpu()).double().mean().item()
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double() - a.double().mean()
+    b = b.double() - b.double().mean()
+    scale = torch.sqrt((a * a).sum() * (b * b).sum())
+    if scale.item() < 1e-12:
+        return 0.0
+    return ((a * b).sum() / scale).item()
+
+
+def style_transfer(
+    source_attributes: torch.Tensor,
+    output_attributes: torch.Tensor,
+    targets: torch.Tensor,
+) -> float:
+    """Mean over attributes and target classes of the clipped source/output correlation.
+
+    Within each target class the correlation runs over the swaps into that class. An
+    output that ignores content has no variance, which counts as correlation 0.
+    """
+    scores = []
+    targets = targets.cpu()
+    for target in targets.unique().tolist():
+        mask = targets == target
+        if mask.sum() < 3:
+            continue
+        for j in range(source_attributes.shape[1]):
+            r = _pearson(source_attributes[mask, j].cpu(), output_attributes[mask, j].cpu())
+            scores.append(max(r, 0.0))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def content_leakage(content_codes: torch.Tensor, labels: torch.Tensor, seed: int) -> float:
+    """Held-out accuracy of a logistic-regression probe predicting labels from content codes.
+
+    Codes are standardized and split 80/20 at random (seeded); chance is about 0.1.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    codes = content_codes.detach().double().cpu().numpy()
+    y = labels.cpu().numpy()
+    if not np.isfinite(codes).all():
+        return float("nan")
+    x_train, x_test, y_train, y_test = train_test_split(codes, y, test_size=0.2, random_state=seed)
+    scaler = StandardScaler().fit(x_train)
+    probe = LogisticRegression(max_iter=300)
+    probe.fit(scaler.transform(x_train), y_train)
+    return float(probe.score(scaler.transform(x_test), y_test))
+
+
+def recon_error(outputs: torch.Tensor, images: torch.Tensor) -> float:
+    return recon_error_fn(outputs, images).item()

@@ -1,0 +1,229 @@
+"""trials.parquet and epochs.parquet: the sweep's results as tables.
+
+A Tune callback in the driver collects every reported epoch and rewrites both files
+atomically whenever a trial ends (and at most every FLUSH_SECONDS while trials run), so
+a killed driver loses at most the last few seconds of results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+
+from glo_search.config import FIELDS, ConfigError, from_dict
+from glo_search.io import atomic_write
+from glo_search.metrics import METRICS
+from glo_search.spaces import config_keys
+
+logger = logging.getLogger(__name__)
+
+TRIALS_FILE = "trials.parquet"
+EPOCHS_FILE = "epochs.parquet"
+FLUSH_SECONDS = 10.0
+EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s")
+STATUSES = ("running", "completed", "stopped", "diverged", "error")
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+class ResultsWriter(tune.Callback):
+    """Tune callback that keeps trials.parquet and epochs.parquet up to date."""
+
+    def __init__(
+        self,
+        experiment_dir: str | Path,
+        base: dict[str, Any],
+        metric: str,
+        mode: str,
+        max_epochs: int,
+    ) -> None:
+        self.experiment_dir = Path(experiment_dir)
+        self.base = base
+        self.metric = metric
+        self.mode = mode
+        self.max_epochs = max_epochs
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.epochs: dict[str, list[dict[str, Any]]] = {}
+        self._last_flush = 0.0
+
+    def setup(self, **info: Any) -> None:
+        """Reload rows written before a resume, so finished trials stay in the files."""
+        trials_path = self.experiment_dir / TRIALS_FILE
+        epochs_path = self.experiment_dir / EPOCHS_FILE
+        if trials_path.is_file() and epochs_path.is_file():
+            for row in pq.read_table(trials_path).to_pylist():
+                self.trials[row["trial_id"]] = row
+            for row in pq.read_table(epochs_path).to_pylist():
+                self.epochs.setdefault(row["trial_id"], []).append(row)
+            logger.info("loaded %d earlier trials from %s", len(self.trials), trials_path)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._update_trial(trial, "running")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial, result: dict, **info: Any
+    ) -> None:
+        rows = self.epochs.setdefault(trial.trial_id, [])
+        epoch = int(result["epoch"])
+        # A trial retried from its checkpoint reports some epochs again: keep the newest.
+        rows[:] = [row for row in rows if row["epoch"] < epoch]
+        row = {"trial_id": trial.trial_id, **{k: result.get(k) for k in EPOCH_COLUMNS}}
+        row.update({name: float(result[name]) for name in METRICS})
+        row.update({f"nearest_{k}": int(result.get(f"nearest_{k}", -1)) for k in range(10)})
+        rows.append(row)
+        self._update_trial(trial, "running")
+        if time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._finish(trial, error=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+
+    def _finish(self, trial, error: bool) -> None:
+        rows = self.epochs.get(trial.trial_id, [])
+        if error:
+            status = "error"
+        elif rows and rows[-1]["diverged"]:
+            status = "diverged"
+        elif rows and rows[-1]["epoch"] >= self.max_epochs:
+            status = "completed"
+        else:
+            status = "stopped"
+        row = self._update_trial(trial, status)
+        logger.info(
+            "trial %s %s after %s epochs: best %s=%s at epoch %s; %s",
+            trial.trial_id,
+            status,
+            row["epochs"],
+            self.metric,
+            row[f"best_{self.metric}"],
+            row["best_epoch"],
+            {k: row[k] for k in config_keys(trial.config)},
+        )
+        self.flush()
+
+    def _trial_row(self, trial) -> dict[str, Any]:
+        if trial.trial_id not in self.trials:
+            config = {**self.base, **config_keys(trial.config)}
+            try:
+                config = from_dict(config).to_dict()  # numpy scalars to plain types
+            except ConfigError:
+                pass  # the trial itself fails and reports the error
+            self.trials[trial.trial_id] = {
+                "trial_id": trial.trial_id,
+                "status": "running",
+                **{name: config[name] for name in FIELDS},
+                "trial_dir": _relative(trial.path, self.experiment_dir),
+            }
+        return self.trials[trial.trial_id]
+
+    def _update_trial(self, trial, status: str) -> dict[str, Any]:
+        row = self._trial_row(trial)
+        rows = self.epochs.get(trial.trial_id, [])
+        row["status"] = status
+        row["epochs"] = rows[-1]["epoch"] if rows else 0
+        row["wall_time_s"] = rows[-1]["time_total_s"] if rows else 0.0
+        row["checkpoint_path"] = _best_checkpoint(trial, self.experiment_dir)
+        row.update(summarize(rows, self.metric, self.mode))
+        return row
+
+    def flush(self) -> None:
+        """Rewrite both Parquet files atomically."""
+        self._last_flush = time.monotonic()
+        trials = list(self.trials.values())
+        epochs = [row for rows in self.epochs.values() for row in rows]
+        write_table(trials, self.experiment_dir / TRIALS_FILE)
+        write_table(epochs, self.experiment_dir / EPOCHS_FILE)
+
+
+def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """Best and last value of every metric, and the epoch of the best sweep metric."""
+    summary: dict[str, Any] = {"best_epoch": None}
+    best = None
+    for row in rows:
+        if _is_better(row[metric], best, mode):
+            best = row[metric]
+            summary["best_epoch"] = row["epoch"]
+    for name, spec in METRICS.items():
+        values = [row[name] for row in rows]
+        if not values:
+            summary[f"best_{name}"] = summary[f"last_{name}"] = None
+            continue
+        summary[f"best_{name}"] = max(values) if spec.mode == "max" else min(values)
+        summary[f"last_{name}"] = values[-1]
+    return summary
+
+
+def _relative(path: str | None, root: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _best_checkpoint(trial, root: Path) -> str | None:
+    """Relative path of the best checkpoint Tune kept for a trial (the latest if unscored)."""
+    manager = getattr(trial.run_metadata, "checkpoint_manager", None)
+    results = getattr(manager, "best_checkpoint_results", None) or []
+    if results:
+        return _relative(results[-1].checkpoint.path, root)
+    return _relative(trial.checkpoint.path, root) if trial.checkpoint else None
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    table = pa.Table.from_pylist(rows)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_experiment(experiment_dir: str | Path):
+    """Return (trials, epochs) pandas DataFrames of an experiment folder."""
+    import pandas as pd
+
+    experiment_dir = Path(experiment_dir)
+    return (
+        pd.read_parquet(experiment_dir / TRIALS_FILE),
+        pd.read_parquet(experiment_dir / EPOCHS_FILE),
+    )
+
+
+def best_trials_table(trials, metric: str, top: int = 5) -> str:
+    """Format the best trials by their best value of metric as a text table."""
+    if trials.empty:
+        return "no trials finished"
+    ascending = METRICS[metric].mode == "min"
+    columns = [
+        "trial_id",
+        "status",
+        "class_dim",
+        "content_dim",
+        "noise_std",
+        "content_decay",
+        f"best_{metric}",
+        "best_epoch",
+        "epochs",
+    ]
+    extra = [
+        f"best_{name}"
+        for name in ("recon_error", "content_leakage")
+        if f"best_{name}" not in columns
+    ]
+    best = trials.sort_values(f"best_{metric}", ascending=ascending, na_position="last")
+    table = best[columns + extra].head(top).to_string(index=False, float_format="{:.4g}".format)
+    return f"best {min(top, len(trials))} of {len(trials)} trials by {metric}:\n{table}"

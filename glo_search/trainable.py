@@ -1,0 +1,101 @@
+"""Ray Tune function trainable around the GLO trainer.
+
+Every epoch it reports every metric of :data:`glo_search.metrics.METRICS` together with
+a checkpoint, so that ASHA, the searcher and CheckpointConfig (which keeps the best
+checkpoint by the sweep's metric) all see the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from glo_search.config import from_dict
+from glo_search.data import load_dataset
+from glo_search.metrics import METRICS
+from glo_search.spaces import config_keys
+from glo_search.tensorboard import TrainingLog
+from glo_search.trainer import CHECKPOINT_FILE, Trainer, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def worst_result(epoch: int, train_loss: float) -> dict[str, Any]:
+    """Result of a diverged trial: every metric at its worst, finite value."""
+    result: dict[str, Any] = {name: spec.worst for name, spec in METRICS.items()}
+    result.update({f"nearest_{k}": -1 for k in range(10)})
+    loss = train_loss if math.isfinite(train_loss) else -1.0
+    return {**result, "epoch": epoch, "train_loss": loss, "diverged": 1}
+
+
+def diverged_metric(metrics: dict[str, float]) -> str | None:
+    for name in METRICS:
+        if not math.isfinite(metrics[name]):
+            return name
+    return None
+
+
+def train_glo(
+    config: dict[str, Any],
+    base: dict[str, Any],
+    classifier_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Train one trial: ``base`` (the sweep's fixed settings) updated by Tune's ``config``."""
+    train_config = from_dict({**base, **config_keys(config)})
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint
+    context = tune.get_context()
+    cpus = context.get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    trainer = Trainer(train_config, load_dataset(train_config), classifier_state)
+    _restore(trainer)
+    log = TrainingLog(Path(context.get_trial_dir()) / "tensorboard", train_config)
+    try:
+        _train_loop(trainer, log)
+    finally:
+        log.close()
+
+
+def _restore(trainer: Trainer) -> None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        trainer.load_state_dict(read_checkpoint(folder))
+    logger.info("trial resumed from its checkpoint after epoch %d", trainer.epoch)
+
+
+def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
+    while trainer.epoch < trainer.config.epochs:
+        train_loss = trainer.train_epoch()
+        if not math.isfinite(train_loss):
+            logger.warning(
+                "training loss is %s at epoch %d: trial diverged",
+                train_loss,
+                trainer.epoch,
+            )
+            tune.report(worst_result(trainer.epoch, train_loss))
+            return
+        metrics = trainer.evaluate()
+        bad = diverged_metric(metrics)
+        if bad is not None:
+            logger.warning(
+                "%s is %s at epoch %d: trial diverged", bad, metrics[bad], trainer.epoch
+            )
+            tune.report(worst_result(trainer.epoch, train_loss))
+            return
+        result = {
+            **metrics,
+            "epoch": trainer.epoch,
+            "train_loss": train_loss,
+            "diverged": 0,
+        }
+        log.write_epoch(trainer.epoch, result)
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save(Path(folder) / CHECKPOINT_FILE, extra={"metrics": metrics})
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,200 @@
+"""GLO trainer: one epoch step, evaluation, save and load. It does not import Ray."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glo_search import classifier as digit_classifier
+from glo_search import metrics as m
+from glo_search.config import TrainConfig, from_dict
+from glo_search.data import Dataset
+from glo_search.io import atomic_write_bytes
+from glo_search.losses import build_loss
+from glo_search.model import LatentCodes, build_generator
+
+logger = logging.getLogger(__name__)
+
+EVAL_BATCH = 4096
+CHECKPOINT_FILE = "trainer.pt"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """Train a GLO model on a dataset held whole on the device.
+
+    ``classifier_state`` is the reference digit classifier's state dict; without it,
+    class_fidelity and disentanglement are reported as NaN.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        classifier_state: dict[str, torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device) if device else default_device()
+        self.dataset = dataset
+        self.epoch = 0
+        torch.manual_seed(config.seed)
+        init_rng = torch.Generator().manual_seed(config.seed)
+        self.images = dataset.images.to(self.device)  # (N, 1, 28, 28)
+        self.labels = dataset.labels.to(self.device)  # (N,)
+        self.generator = build_generator(
+            config.generator, config.class_dim, config.content_dim
+        ).to(self.device)
+        self.codes = LatentCodes(
+            len(dataset),
+            dataset.num_classes,
+            config.content_dim,
+            config.class_dim,
+            init_rng,
+        ).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": self.generator.parameters(), "lr": config.lr_generator},
+                {"params": self.codes.parameters(), "lr": config.lr_latent},
+            ]
+        )
+        self.loss_fn = build_loss(config.loss)
+        self.order_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.noise_rng = torch.Generator(self.device).manual_seed(config.seed + 2)
+        self.classifier = (
+            digit_classifier.build(classifier_state, self.device) if classifier_state else None
+        )
+        self.swaps = m.build_swaps(dataset.labels, config.swap_sources, config.seed)
+        self.source_attributes = m.style_attributes(dataset.images[self.swaps.sources])
+
+    def train_epoch(self) -> float:
+        """Run one pass over the images in a seeded random order; return the mean objective."""
+        config = self.config
+        self.generator.train()
+        order = torch.randperm(len(self.labels), generator=self.order_rng).to(self.device)
+        total = torch.zeros((), device=self.device)
+        for batch in order.split(config.batch_size):
+            content = self.codes.content[batch]  # (B, content_dim)
+            class_code = self.codes.classes[self.labels[batch]]  # (B, class_dim)
+            noisy = content
+            if config.noise_std > 0:
+                noise = torch.randn(content.shape, generator=self.noise_rng, device=self.device)
+                noisy = content + config.noise_std * noise
+            output = self.generator(class_code, noisy)
+            loss = self.loss_fn(output, self.images[batch])
+            if config.content_decay > 0:
+                loss = loss + config.content_decay * content.pow(2).sum(dim=1).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach() * len(batch)
+        self.epoch += 1
+        return (total / len(self.labels)).item()
+
+    @torch.no_grad()
+    def generate(self, class_codes: torch.Tensor, content_codes: torch.Tensor) -> torch.Tensor:
+        """Decode codes in evaluation mode (no noise, batch-norm running statistics)."""
+        was_training = self.generator.training
+        self.generator.eval()
+        outputs = [
+            self.generator(c, z)
+            for c, z in zip(
+                class_codes.split(EVAL_BATCH), content_codes.split(EVAL_BATCH), strict=True
+            )
+        ]
+        self.generator.train(was_training)
+        return torch.cat(outputs)  # (N, 1, 28, 28)
+
+    def reconstruct(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        indices = torch.arange(len(self.labels)) if indices is None else indices
+        indices = indices.to(self.device)
+        return self.generate(self.codes.classes[self.labels[indices]], self.codes.content[indices])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Compute every metric of :data:`glo_search.metrics.METRICS` and the nearest classes."""
+        class_codes = self.codes.classes.detach()
+        content_codes = self.codes.content.detach()
+        recon = m.recon_error(self.reconstruct(), self.images)
+        nearest = m.nearest_classes(class_codes.cpu())
+        swap_outputs = self.generate(
+            class_codes[self.swaps.targets.to(self.device)],
+            content_codes[self.swaps.sources.to(self.device)],
+        )
+        if self.classifier is not None:
+            predicted = digit_classifier.predict(self.classifier, swap_outputs)
+            fidelity = m.class_fidelity(predicted, self.swaps.targets)
+        else:
+            fidelity = float("nan")
+        transfer = m.style_transfer(
+            self.source_attributes,
+            m.style_attributes(swap_outputs).cpu(),
+            self.swaps.targets,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the probe's convergence warnings
+            leakage = m.content_leakage(content_codes, self.labels, self.config.seed)
+        results: dict[str, Any] = {
+            "recon_error": recon,
+            "ideal_neighbour_accuracy": m.ideal_neighbour_accuracy(nearest),
+            "class_fidelity": fidelity,
+            "style_transfer": transfer,
+            "disentanglement": fidelity * transfer,
+            "content_leakage": leakage,
+        }
+        results.update({f"nearest_{k}": int(j) for k, j in enumerate(nearest)})
+        return results
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "generator": self.generator.state_dict(),
+            "codes": self.codes.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "order_rng": self.order_rng.get_state(),
+            "noise_rng": self.noise_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.generator.load_state_dict(state["generator"])
+        self.codes.load_state_dict(state["codes"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.order_rng.set_state(state["order_rng"])
+        self.noise_rng.set_state(state["noise_rng"])
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the trainer state (and extra plain values) atomically with torch.save."""
+        buffer = io.BytesIO()
+        torch.save({**self.state_dict(), "extra": extra or {}}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dataset: Dataset,
+        classifier_state: dict[str, torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
+    ) -> Trainer:
+        """Rebuild a trainer from a file written by :meth:`save` (weights_only loading)."""
+        state = read_checkpoint(path)
+        trainer = cls(from_dict(state["config"]), dataset, classifier_state, device)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)

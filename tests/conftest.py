@@ -1,0 +1,39 @@
+"""Shared fixtures: a small dataset, the cached digit classifier and one Ray instance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Cache the reference classifier inside the checkout, so a fresh clone trains it once
+# (about 20 s on 2 cores) and later runs reuse it.
+os.environ.setdefault(
+    "GLO_SEARCH_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "glo-search")
+)
+
+
+@pytest.fixture(scope="session")
+def classifier_state():
+    from glo_search import classifier
+
+    return classifier.load_state()
+
+
+@pytest.fixture(scope="session")
+def small_dataset():
+    from glo_search.config import TrainConfig
+    from glo_search.data import load_dataset
+
+    return load_dataset(TrainConfig(num_images=200))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once for every test that sweeps; trials use at most 2 CPUs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
