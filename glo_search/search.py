@@ -136,11 +136,15 @@ def _experiment_dir(storage: str | Path, name: str) -> Path:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster at address, or start Ray in this process (dashboard off)."""
+    """Connect to a Ray cluster at address, or start Ray in this process (dashboard off).
+
+    Without an address Ray starts locally even when `ray start` left a cluster running,
+    which ray.init() would join by default.
+    """
     if ray.is_initialized():
         return
     ray.init(
-        address=address,
+        address=address or "local",
         num_cpus=None if address else num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,

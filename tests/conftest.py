@@ -34,6 +34,6 @@ def ray_session():
     """Start Ray once for every test that sweeps; trials use at most 2 CPUs."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
