@@ -222,7 +222,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from glo_search.results import best_trials_table, read_experiment
+    from glo_search.results import best_trial_summary, best_trials_table, read_experiment
     from glo_search.search import make_scheduler, sweep
 
     fixed = _config_values(args, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS])
@@ -247,9 +247,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         address=args.address,
     )
     experiment_dir = Path(grid.experiment_path)
-    trials, _ = read_experiment(experiment_dir)
+    trials, epochs = read_experiment(experiment_dir)
     print()
     print(best_trials_table(trials, args.metric))
+    print(best_trial_summary(trials, epochs, args.metric))
     print(f"\nexperiment folder: {experiment_dir}")
     print(f"Optuna study: {experiment_dir / 'optuna.db'}")
     if grid.errors:

@@ -227,3 +227,21 @@ def best_trials_table(trials, metric: str, top: int = 5) -> str:
     best = trials.sort_values(f"best_{metric}", ascending=ascending, na_position="last")
     table = best[columns + extra].head(top).to_string(index=False, float_format="{:.4g}".format)
     return f"best {min(top, len(trials))} of {len(trials)} trials by {metric}:\n{table}"
+
+
+def best_trial_summary(trials, epochs, metric: str) -> str:
+    """One line on the best trial: its best metric and how far recon_error fell."""
+    column = f"best_{metric}"
+    finished = trials.dropna(subset=[column])
+    if finished.empty:
+        return "no trial reported a result"
+    ascending = METRICS[metric].mode == "min"
+    best = finished.sort_values(column, ascending=ascending).iloc[0]
+    rows = epochs[epochs["trial_id"] == best["trial_id"]].sort_values("epoch")
+    best_row = rows[rows["epoch"] == best["best_epoch"]].iloc[0]
+    return (
+        f"best trial {best['trial_id']}: {metric}={best[column]:.4f} at epoch "
+        f"{int(best['best_epoch'])}; recon_error {best_row['recon_error']:.4f} there, "
+        f"{rows['recon_error'].iloc[0]:.4f} at epoch 1"
+    )
+

@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+
+from glo_search import metrics as m
+
+
+def test_nearest_classes_known_layout():
+    # Codes on a line at 0, 1, 3, 7, 15: each one's nearest is its left neighbour,
+    # except the first, whose nearest is the second.
+    codes = torch.tensor([[0.0], [1.0], [3.0], [7.0], [15.0]])
+    assert m.nearest_classes(codes) == [1, 0, 1, 2, 3]
+
+
+def test_nearest_classes_euclidean_in_several_dims():
+    codes = torch.zeros(10, 3)
+    for k in range(10):
+        codes[k] = torch.tensor([10.0 * k, 0.0, 0.0])
+    codes[4] = codes[1] + torch.tensor([0.0, 0.5, 0.5])  # 4 sits beside 1
+    nearest = m.nearest_classes(codes)
+    assert nearest[1] == 4
+    assert nearest[4] == 1
+    assert nearest[0] == 1
+
+
+def test_nearest_classes_rejects_one_class():
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        m.nearest_classes(torch.zeros(1, 4))
+
+
+def test_ideal_neighbour_accuracy_default_table():
+    perfect = [3, 4, 3, 0, 1, 2, 8, 1, 0, 3]
+    assert m.ideal_neighbour_accuracy(perfect) == 1.0
+    wrong = [1, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    assert m.ideal_neighbour_accuracy(wrong) == 0.0
+    half = perfect[:5] + wrong[5:]
+    assert m.ideal_neighbour_accuracy(half) == 0.5
+
+
+def test_ideal_neighbour_accuracy_custom_table():
+    ideal = {0: [1], 1: [2], 2: [0]}
+    assert m.ideal_neighbour_accuracy([1, 2, 1], ideal=ideal) == pytest.approx(2 / 3)
+
+
+def test_ideal_neighbour_accuracy_from_placed_codes():
+    # Place each class code right beside one of its ideal neighbours.
+    pairs = {0: 8, 8: 0, 1: 7, 7: 1, 2: 5, 5: 2, 3: 9, 9: 3, 4: 6, 6: 4}
+    codes = torch.zeros(10, 2)
+    for slot, (a, b) in enumerate([(0, 8), (1, 7), (2, 5), (3, 9), (4, 6)]):
+        codes[a] = torch.tensor([100.0 * slot, 0.0])
+        codes[b] = torch.tensor([100.0 * slot, 1.0])
+    nearest = m.nearest_classes(codes)
+    assert nearest == [pairs[k] for k in range(10)]
+    # 4-6 and 6-4 are not ideal pairs (6's ideal set is 3 8 9); 9-3 and 3-9 are half right.
+    hits = [k for k in range(10) if nearest[k] in m.IDEAL_NEIGHBOURS[k]]
+    assert hits == [0, 1, 2, 5, 7, 8, 9]
+    assert m.ideal_neighbour_accuracy(nearest) == 0.7
+
+
+def _stroke(width: int, slant: int = 0) -> torch.Tensor:
+    """A vertical bar of the given width, sheared by slant pixels over its height."""
+    image = torch.zeros(1, 28, 28)
+    for row in range(4, 24):
+        shift = round(slant * (row - 14) / 10)
+        start = 12 + shift
+        image[0, row, start : start + width] = 1.0
+    return image
+
+
+def test_style_attributes_thickness_orders_strokes():
+    images = torch.stack([_stroke(1), _stroke(3), _stroke(6)])
+    thickness = m.style_attributes(images)[:, 0]
+    assert thickness[0] < thickness[1] < thickness[2]
+    assert thickness[1] == pytest.approx(3.0, rel=0.35)
+
+
+def test_style_attributes_slant_sign():
+    images = torch.stack([_stroke(2, slant=-4), _stroke(2), _stroke(2, slant=4)])
+    slant = m.style_attributes(images)[:, 1]
+    assert slant[0] < -0.1
+    assert abs(slant[1]) < 0.05
+    assert slant[2] > 0.1
+
+
+def _swap_data(num_sources: int = 60):
+    torch.manual_seed(0)
+    labels = torch.arange(num_sources) % 10
+    swaps = m.build_swaps(labels, num_sources, seed=0)
+    widths = torch.randint(1, 7, (num_sources,))
+    sources = torch.stack([_stroke(int(w)) for w in widths])
+    return labels, swaps, sources
+
+
+def test_style_transfer_content_ignoring_generator_is_zero():
+    labels, swaps, sources = _swap_data()
+    # The output depends on the target class only.
+    outputs = torch.stack([_stroke(int(t) % 5 + 1) for t in swaps.targets])
+    score = m.style_transfer(
+        m.style_attributes(sources[swaps.sources]), m.style_attributes(outputs), swaps.targets
+    )
+    assert score == pytest.approx(0.0, abs=1e-6)
+
+
+def test_style_transfer_faithful_generator_is_high():
+    labels, swaps, sources = _swap_data()
+    # The output copies the content's stroke and slant exactly.
+    outputs = sources[swaps.sources]
+    attributes = m.style_attributes(outputs)
+    score = m.style_transfer(attributes, attributes, swaps.targets)
+    # Width and thickness correlate perfectly; slant is constant (0), which counts as 0.
+    assert score == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_build_swaps_never_targets_own_label():
+    labels = torch.arange(200) % 10
+    swaps = m.build_swaps(labels, 50, seed=3)
+    assert len(swaps.sources) == 50 * 9
+    assert (labels[swaps.sources] != swaps.targets).all()
+
+
+def test_build_swaps_seeded():
+    labels = torch.arange(200) % 10
+    first = m.build_swaps(labels, 50, seed=3)
+    second = m.build_swaps(labels, 50, seed=3)
+    assert torch.equal(first.sources, second.sources)
+
+
+def test_class_fidelity_share_of_matches():
+    predicted = torch.tensor([1, 2, 3, 0])
+    targets = torch.tensor([1, 2, 0, 0])
+    assert m.class_fidelity(predicted, targets) == 0.75
+
+
+def test_content_leakage_label_codes_are_found():
+    labels = torch.arange(1000) % 10
+    codes = torch.nn.functional.one_hot(labels, 10).float() + 0.01 * torch.randn(1000, 10)
+    assert m.content_leakage(codes, labels, seed=0) > 0.95
+
+
+def test_content_leakage_random_codes_near_chance():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(1000) % 10
+    codes = torch.randn(1000, 16, generator=generator)
+    assert m.content_leakage(codes, labels, seed=0) < 0.2
+
+
+def test_content_leakage_nan_codes():
+    labels = torch.arange(100) % 10
+    codes = torch.full((100, 4), float("nan"))
+    assert math.isnan(m.content_leakage(codes, labels, seed=0))
+
+
+def test_metric_mode_unknown_metric_lists_valid():
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'; valid metrics: recon_error"):
+        m.metric_mode("accuracy")
+
+
+def test_every_metric_worst_is_in_range():
+    for spec in m.METRICS.values():
+        assert spec.worst in (0.0, 1.0)

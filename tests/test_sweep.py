@@ -1,0 +1,154 @@
+"""Real sweeps through Ray Tune, OptunaSearch and ASHA on a few hundred digits."""
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from glo_search.config import ConfigError
+from glo_search.metrics import METRICS
+from glo_search.search import sweep
+
+SMALL = {"num_images": 300, "swap_sources": 60}
+
+
+@pytest.fixture(scope="module")
+def small_sweep(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    grid = sweep(
+        "default", num_samples=3, max_epochs=2, base_config=SMALL, storage=storage,
+        name="small", grace_period=1, reduction_factor=2, verbose=0,
+    )
+    return grid, storage / "small"
+
+
+def test_sweep_runs_every_trial(small_sweep):
+    grid, _ = small_sweep
+    assert len(grid) == 3
+    assert not grid.errors
+
+
+def test_sweep_trials_parquet(small_sweep):
+    _, folder = small_sweep
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert len(trials) == 3
+    assert trials["trial_id"].is_unique
+    for column in ("class_dim", "content_dim", "noise_std", "content_decay", "loss", "num_images"):
+        assert column in trials.columns
+    assert (trials["num_images"] == 300).all()
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    for name in METRICS:
+        assert trials[f"best_{name}"].between(0, 1).all(), name
+        assert trials[f"last_{name}"].between(0, 1).all(), name
+    assert trials["best_epoch"].between(1, 2).all()
+    for path in trials["checkpoint_path"]:
+        assert (folder / path / "trainer.pt").is_file()
+
+
+def test_sweep_epochs_parquet_matches_trials(small_sweep):
+    _, folder = small_sweep
+    trials = pd.read_parquet(folder / "trials.parquet").set_index("trial_id")
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    assert set(epochs["trial_id"]) == set(trials.index)
+    for trial_id, rows in epochs.groupby("trial_id"):
+        assert rows["epoch"].tolist() == list(range(1, len(rows) + 1))
+        assert trials.loc[trial_id, "epochs"] == len(rows)
+        assert trials.loc[trial_id, "best_disentanglement"] == rows["disentanglement"].max()
+        assert trials.loc[trial_id, "last_recon_error"] == rows["recon_error"].iloc[-1]
+    nearest = epochs[[f"nearest_{k}" for k in range(10)]]
+    assert nearest.isin(range(10)).all().all()
+
+
+def test_sweep_optuna_study_in_sqlite(small_sweep):
+    _, folder = small_sweep
+    study = optuna.load_study(study_name="small", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(study.trials) == 3
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert {"class_dim", "content_dim", "noise_std"} <= set(study.trials[0].params)
+
+
+def test_sweep_records_experiment(small_sweep):
+    _, folder = small_sweep
+    experiment = json.loads((folder / "experiment.json").read_text())
+    assert experiment["metric"] == "disentanglement"
+    assert experiment["mode"] == "max"
+    assert experiment["base_config"]["num_images"] == 300
+    assert experiment["classifier"]["held_out_accuracy"] >= 0.97
+
+
+def test_sweep_tensorboard_per_trial(small_sweep):
+    _, folder = small_sweep
+    trials = pd.read_parquet(folder / "trials.parquet")
+    for trial_dir in trials["trial_dir"]:
+        assert list((folder / trial_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class StopAfterFirstEpoch(FIFOScheduler):
+    """Let the first trial run to the end; stop every later trial after epoch 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = None
+        self.stopped = set()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self.first = self.first or trial.trial_id
+        if trial.trial_id != self.first and result["epoch"] >= 1:
+            self.stopped.add(trial.trial_id)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+
+def test_custom_scheduler_decisions_take_effect(ray_session, tmp_path):
+    scheduler = StopAfterFirstEpoch()
+    sweep(
+        {"class_dim": tune.choice([3, 5])}, search_alg=_random_searcher(),
+        scheduler=scheduler, num_samples=3, max_epochs=3, base_config=SMALL,
+        storage=tmp_path, name="custom", max_concurrent=1, verbose=0,
+    )
+    trials = pd.read_parquet(tmp_path / "custom" / "trials.parquet").set_index("trial_id")
+    assert len(scheduler.stopped) == 2
+    for trial_id, row in trials.iterrows():
+        if trial_id in scheduler.stopped:
+            assert row["epochs"] == 1
+            assert row["status"] == "stopped"
+        else:
+            assert row["epochs"] == 3
+            assert row["status"] == "completed"
+
+
+def _random_searcher():
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"metric": "accuracy"}, "unknown metric 'accuracy'"),
+        ({"base_config": {"class_dim": 0}}, "invalid class_dim=0"),
+        ({"space": "nope"}, "unknown search space 'nope'"),
+        ({"space": "report", "base_config": {"noise_std": 0.3}}, "noise_std is set both"),
+        ({"cpus_per_trial": 0}, "cpus_per_trial=0"),
+        ({"num_samples": 0}, "num_samples=0"),
+    ],
+)
+def test_sweep_rejects_bad_input_before_ray(tmp_path, arguments, message):
+    import ray
+
+    started = ray.is_initialized()
+    with pytest.raises(ConfigError, match=message):
+        sweep(**{"storage": tmp_path, "name": "bad", **arguments})
+    assert ray.is_initialized() == started
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_refuses_existing_experiment(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "trials.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match="glo-search resume"):
+        sweep("default", storage=tmp_path, name="taken")
