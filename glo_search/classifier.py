@@ -54,7 +54,7 @@ class DigitClassifier(nn.Module):
 
 @dataclass(frozen=True)
 class ClassifierInfo:
-    """What a user needs to trust the classifier: its accuracy and what it saw."""
+    """Record of the cached classifier: its held-out accuracy and the digits it saw."""
 
     version: int
     held_out_accuracy: float

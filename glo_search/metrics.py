@@ -99,10 +99,10 @@ def ideal_neighbour_accuracy(
 def style_attributes(images: torch.Tensor) -> torch.Tensor:
     """Return (N, 3) style attributes of (N, 1, H, W) images: thickness, slant, width.
 
-    Thickness is 2 * ink mass / ink perimeter (a stroke of width w and length L has mass
-    w*L and perimeter about 2L); the perimeter is the total gradient magnitude. Slant is
-    mu11 / mu02 and width is sqrt(mu20), from the second-order central moments of the ink
-    in pixels.
+    Thickness is 2 * ink mass / ink perimeter, because a stroke of width w and length L
+    has mass w*L and perimeter about 2L. The perimeter is the total gradient magnitude.
+    Slant is mu11 / mu02 and width is sqrt(mu20), from the second-order central moments
+    of the ink, in pixels.
     """
     x = images[:, 0].double()  # (N, H, W)
     height, width = x.shape[1:]

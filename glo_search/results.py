@@ -27,7 +27,6 @@ TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 FLUSH_SECONDS = 10.0
 EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s")
-STATUSES = ("running", "completed", "stopped", "diverged", "error")
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -230,7 +229,7 @@ def best_trials_table(trials, metric: str, top: int = 5) -> str:
 
 
 def best_trial_summary(trials, epochs, metric: str) -> str:
-    """One line on the best trial: its best metric and how far recon_error fell."""
+    """Summarize the best trial in one line: its best metric and how far recon_error fell."""
     column = f"best_{metric}"
     finished = trials.dropna(subset=[column])
     if finished.empty:
@@ -244,4 +243,3 @@ def best_trial_summary(trials, epochs, metric: str) -> str:
         f"{int(best['best_epoch'])}; recon_error {best_row['recon_error']:.4f} there, "
         f"{rows['recon_error'].iloc[0]:.4f} at epoch 1"
     )
-

@@ -1,10 +1,10 @@
 """Sweeps: Ray Tune runs the trainable, Optuna proposes configurations, ASHA stops early.
 
-The defaults follow the usual pairing of a model-based searcher with successive halving:
-Optuna's TPE sampler (Bergstra et al., NeurIPS 2011) proposes, and ASHA (Li et al.,
-"A System for Massively Parallel Hyperparameter Tuning", MLSys 2020) stops trials whose
-metric at a rung (grace_period * reduction_factor**k epochs) falls below the top
-1/reduction_factor of the trials that reached that rung before.
+The defaults pair a model-based searcher with successive halving. Optuna's TPE sampler
+(Bergstra et al., NeurIPS 2011) proposes configurations. ASHA (Li et al., "A System for
+Massively Parallel Hyperparameter Tuning", MLSys 2020) checks each trial at rungs of
+grace_period * reduction_factor**k epochs and stops it when its metric falls below the
+top 1/reduction_factor of the trials that reached that rung before.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def study_storage(experiment_dir: Path) -> optuna.storages.RDBStorage:
-    """The Optuna study's SQLite storage inside the experiment folder."""
+    """Open the Optuna study's SQLite storage inside the experiment folder."""
     return optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}")
 
 
@@ -314,7 +314,7 @@ def _run_config(
     # Ray's automatic TensorBoard logger would duplicate the trainable's own event files.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # Keeping only the best checkpoint makes Tune snapshot its state at every checkpoint
-    # and warn each time; the snapshot is small, so the warning is noise here.
+    # and warn each time. The snapshot is small, so the warning is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 

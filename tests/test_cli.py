@@ -19,7 +19,6 @@ def _help(*command: str) -> str:
 
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_help_describes_every_option_with_default(command):
-    text = _help(command)
     options = [a for a in build_parser()._actions if a.dest == "command"][0].choices[command]
     for action in options._actions:
         if action.dest == "help":
@@ -30,8 +29,18 @@ def test_help_describes_every_option_with_default(command):
 
 def test_help_lists_hyperparameter_flags():
     text = _help("sweep")
-    for flag in ("--space", "--num-samples", "--max-epochs", "--metric", "--max-concurrent",
-                 "--storage", "--seed", "--scheduler", "--gpus-per-trial", "--cpus-per-trial"):
+    for flag in (
+        "--space",
+        "--num-samples",
+        "--max-epochs",
+        "--metric",
+        "--max-concurrent",
+        "--storage",
+        "--seed",
+        "--scheduler",
+        "--gpus-per-trial",
+        "--cpus-per-trial",
+    ):
         assert flag in text
     train = _help("train")
     for name in FIELDS:
@@ -55,9 +64,16 @@ def test_help_states_units():
 )
 def test_bad_value_one_line_error_before_ray(tmp_path, arguments, expected):
     process = subprocess.run(
-        [sys.executable, "-m", "glo_search.cli", *arguments, *(["--storage", str(tmp_path)]
-         if arguments[0] == "sweep" else [])],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "glo_search.cli",
+            *arguments,
+            *(["--storage", str(tmp_path)] if arguments[0] == "sweep" else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert process.returncode == 2
     lines = process.stderr.strip().splitlines()
@@ -75,8 +91,20 @@ def test_spaces_command_lists_spaces(capsys):
 
 def test_train_command_writes_run(tmp_path, classifier_state):
     out = tmp_path / "run"
-    code = main(["-q", "train", "--epochs", "2", "--num-images", "100",
-                 "--swap-sources", "20", "--out", str(out)])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--epochs",
+            "2",
+            "--num-images",
+            "100",
+            "--swap-sources",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     epochs = pd.read_parquet(out / "epochs.parquet")
     assert epochs["epoch"].tolist() == [1, 2]
@@ -86,8 +114,24 @@ def test_train_command_writes_run(tmp_path, classifier_state):
 
 
 def test_sweep_command_prints_best_trials(ray_session, tmp_path, capsys):
-    code = main(["-q", "sweep", "--num-samples", "2", "--max-epochs", "1", "--num-images", "100",
-                 "--swap-sources", "20", "--storage", str(tmp_path), "--name", "cli"])
+    code = main(
+        [
+            "-q",
+            "sweep",
+            "--num-samples",
+            "2",
+            "--max-epochs",
+            "1",
+            "--num-images",
+            "100",
+            "--swap-sources",
+            "20",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "cli",
+        ]
+    )
     assert code == 0
     output = capsys.readouterr().out
     assert "best 2 of 2 trials by disentanglement" in output

@@ -33,7 +33,9 @@ def test_config_error_is_one_line():
 
 
 def test_from_dict_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match="unknown config key 'class_size'; valid keys: class_dim"):
+    with pytest.raises(
+        ConfigError, match="unknown config key 'class_size'; valid keys: class_dim"
+    ):
         from_dict({"class_size": 5})
 
 

@@ -19,8 +19,15 @@ SMALL = {"num_images": 300, "swap_sources": 60}
 def small_sweep(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
     grid = sweep(
-        "default", num_samples=3, max_epochs=2, base_config=SMALL, storage=storage,
-        name="small", grace_period=1, reduction_factor=2, verbose=0,
+        "default",
+        num_samples=3,
+        max_epochs=2,
+        base_config=SMALL,
+        storage=storage,
+        name="small",
+        grace_period=1,
+        reduction_factor=2,
+        verbose=0,
     )
     return grid, storage / "small"
 
@@ -105,9 +112,16 @@ class StopAfterFirstEpoch(FIFOScheduler):
 def test_custom_scheduler_decisions_take_effect(ray_session, tmp_path):
     scheduler = StopAfterFirstEpoch()
     sweep(
-        {"class_dim": tune.choice([3, 5])}, search_alg=_random_searcher(),
-        scheduler=scheduler, num_samples=3, max_epochs=3, base_config=SMALL,
-        storage=tmp_path, name="custom", max_concurrent=1, verbose=0,
+        {"class_dim": tune.choice([3, 5])},
+        search_alg=_random_searcher(),
+        scheduler=scheduler,
+        num_samples=3,
+        max_epochs=3,
+        base_config=SMALL,
+        storage=tmp_path,
+        name="custom",
+        max_concurrent=1,
+        verbose=0,
     )
     trials = pd.read_parquet(tmp_path / "custom" / "trials.parquet").set_index("trial_id")
     assert len(scheduler.stopped) == 2
