@@ -155,8 +155,9 @@ def _add_sweep(commands) -> None:
     sweep.add_argument(
         "--grace-period",
         type=int,
-        default=2,
-        help="epochs before a trial can be stopped (ASHA, median) (default: 2; unit: epochs)",
+        default=None,
+        help="epochs before a trial can be stopped (ASHA, median) "
+        "(default: 2, or --max-epochs when smaller; unit: epochs)",
     )
     sweep.add_argument(
         "--reduction-factor",

@@ -48,16 +48,18 @@ STUDY_FILE = "optuna.db"
 
 
 def make_scheduler(
-    name: str, max_epochs: int, grace_period: int = 2, reduction_factor: float = 3
+    name: str, max_epochs: int, grace_period: int | None = None, reduction_factor: float = 3
 ) -> TrialScheduler:
     """Build a scheduler by name; one unit of time is one epoch.
 
     Args:
         name: one of ``asha``, ``hyperband``, ``median`` or ``fifo``.
         max_epochs: the last rung (ASHA's and HyperBand's ``max_t``, R in the papers).
-        grace_period: epochs before the first rung (ASHA's minimum resource r).
+        grace_period: epochs before the first rung (ASHA's minimum resource r); default
+            2, or max_epochs when that is smaller.
         reduction_factor: eta: each rung keeps the best 1/eta of the trials.
     """
+    grace_period = _check_schedule(max_epochs, grace_period, reduction_factor)
     if name == "asha":
         return ASHAScheduler(
             time_attr="epoch",
@@ -74,6 +76,24 @@ def make_scheduler(
     if name == "fifo":
         return FIFOScheduler()
     raise ConfigError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+
+
+def _check_schedule(max_epochs: int, grace_period: int | None, reduction_factor: float) -> int:
+    """Return the grace period after checking the schedule's numbers against each other."""
+    if max_epochs < 1:
+        raise ConfigError(f"invalid max_epochs={max_epochs} (--max-epochs): must be >= 1")
+    if reduction_factor <= 1:
+        raise ConfigError(
+            f"invalid reduction_factor={reduction_factor} (--reduction-factor): must be > 1"
+        )
+    if grace_period is None:
+        return min(2, max_epochs)
+    if not 1 <= grace_period <= max_epochs:
+        raise ConfigError(
+            f"invalid grace_period={grace_period} (--grace-period): must be between 1 and "
+            f"max_epochs={max_epochs}"
+        )
+    return grace_period
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -167,7 +187,7 @@ def sweep(
     cpus_per_trial: float = 1,
     gpus_per_trial: float = 0,
     seed: int = 0,
-    grace_period: int = 2,
+    grace_period: int | None = None,
     reduction_factor: float = 3,
     address: str | None = None,
     verbose: int = 1,

@@ -10,7 +10,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from glo_search.config import ConfigError
 from glo_search.metrics import METRICS
-from glo_search.search import sweep
+from glo_search.search import make_scheduler, sweep
 
 SMALL = {"num_images": 300, "swap_sources": 60}
 
@@ -166,3 +166,36 @@ def test_sweep_refuses_existing_experiment(tmp_path):
     (tmp_path / "taken" / "trials.parquet").write_bytes(b"")
     with pytest.raises(ConfigError, match="glo-search resume"):
         sweep("default", storage=tmp_path, name="taken")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"max_epochs": 0}, "invalid max_epochs=0"),
+        ({"grace_period": 5}, "invalid grace_period=5 .*between 1 and max_epochs=4"),
+        ({"grace_period": 0}, "invalid grace_period=0"),
+        ({"reduction_factor": 1}, "invalid reduction_factor=1"),
+    ],
+)
+def test_make_scheduler_rejects_bad_schedule(arguments, message):
+    with pytest.raises(ConfigError, match=message):
+        make_scheduler("asha", **{"max_epochs": 4, **arguments})
+
+
+def _rungs(scheduler) -> list[int]:
+    return sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+
+
+def test_make_scheduler_rungs_in_epochs():
+    assert _rungs(make_scheduler("asha", max_epochs=20)) == [2, 6, 18]
+    assert _rungs(make_scheduler("asha", max_epochs=20, grace_period=1, reduction_factor=2)) == [
+        1,
+        2,
+        4,
+        8,
+        16,
+    ]
+
+
+def test_make_scheduler_default_grace_fits_short_sweeps():
+    assert _rungs(make_scheduler("asha", max_epochs=1)) == [1]
