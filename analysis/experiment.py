@@ -17,10 +17,13 @@ from typing import Any
 import pandas as pd
 
 from glo_search.metrics import METRICS
-from glo_search.results import EPOCHS_FILE, TRIALS_FILE
 
 logger = logging.getLogger(__name__)
 
+# The names glo_search.results and glo_search.search write; those modules import Ray,
+# which the analysis does not need.
+TRIALS_FILE = "trials.parquet"
+EPOCHS_FILE = "epochs.parquet"
 EXPERIMENT_FILE = "experiment.json"
 STUDY_FILE = "optuna.db"
 

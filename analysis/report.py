@@ -436,6 +436,8 @@ def analyze(
     if trials.empty:
         raise ValueError(f"{experiments[0].folder}: trials.parquet has no trials to analyze")
     parsed = [s if isinstance(s, tables.Split) else tables.parse_split(s) for s in splits]
+    for split in parsed:
+        split.labels(trials)  # reject a split on a missing column before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = next((e.study() for e in experiments if e.study() is not None), None)
