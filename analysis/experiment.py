@@ -140,7 +140,7 @@ def load(paths: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame, pd.Dat
     trials has one row per trial (trial_id, status, every TrainConfig field, best_<metric>
     and last_<metric> of every metric, best_epoch, epochs run, wall_time_s, checkpoint_path,
     trial_dir); epochs has one row per trial and epoch. Both gain an ``experiment`` column
-    with the experiment's name, so the tables of several folders can be told apart.
+    with the experiment's name, which distinguishes the rows of several folders.
     """
     return combine(load_experiments(paths))
 
@@ -163,7 +163,7 @@ def load_study(folder: str | Path, study_name: str | None = None):
     if study_name not in names:
         if len(names) != 1:
             logger.warning(
-                "%s holds studies %s and none is named %r: no parameter importance",
+                "%s contains studies %s but none named %r: skipping parameter importance",
                 path,
                 names,
                 study_name,

@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib's object-oriented API.
 
 Each function returns a ``matplotlib.figure.Figure`` and leaves pyplot's global state
-alone, so scripts and notebooks can call them with any backend; ``save_png`` renders a
+alone, so scripts and notebooks can call them with any backend. ``save_png`` renders a
 figure with the Agg renderer.
 """
 
@@ -49,7 +49,7 @@ def _empty(message: str) -> Figure:
 
 
 def plot_importances(importances: pd.DataFrame, metric: str) -> Figure:
-    """Horizontal bars of each parameter's importance, one bar per evaluator."""
+    """Plot horizontal bars of each parameter's importance, one bar per evaluator."""
     evaluators = [c for c in importances.columns if c not in ("parameter", "completed_trials")]
     if importances.empty:
         return _empty("no parameter importances: the study has no completed trials")
@@ -73,7 +73,7 @@ def plot_metric_vs_loss(
     metrics: tuple[str, ...] = ("disentanglement", "ideal_neighbour_accuracy"),
     loss: str = "recon_error",
 ) -> Figure:
-    """Scatter of each metric against the loss over all trial-epochs, quartile shaded."""
+    """Plot each metric against the loss over all trial-epochs, lowest quartile shaded."""
     data = valid_epochs(epochs)
     # Many points need small translucent markers; a few need visible ones.
     size, alpha = (4, 0.25) if len(data) > 2000 else (14, 0.7)
@@ -109,7 +109,7 @@ def plot_metric_vs_loss(
 def plot_learning_curves(
     curves: dict[str, pd.DataFrame], metrics: tuple[str, ...] = tuple(METRICS)
 ) -> Figure:
-    """One panel per metric with a line per trial over the epochs.
+    """Plot one panel per metric with a line per trial over the epochs.
 
     ``curves`` maps a trial's label to its rows of the epochs table.
     """
@@ -129,7 +129,7 @@ def plot_learning_curves(
 
 
 def plot_rung_survival(survival: pd.DataFrame) -> Figure:
-    """Bars of the number of trials that reached each rung and max_epochs."""
+    """Plot the number of trials that reached each rung and max_epochs."""
     if survival.empty:
         return _empty("no rungs: the sweep's scheduler has none and no trial was stopped")
     figure = Figure(figsize=(6, 3.2))
@@ -162,12 +162,12 @@ def plot_metrics_vs_params(
     trials: pd.DataFrame,
     params: list[str],
     scales: dict[str, str],
-    categorical: list[str] = (),
     metrics: tuple[str, ...] = tuple(METRICS),
 ) -> Figure:
-    """Grid of each trial's best value of each metric (rows) against each param (columns).
+    """Plot each trial's best value of each metric (rows) against each param (columns).
 
-    Points are coloured by status; an axis is logarithmic where ``scales`` says so.
+    Points are coloured by status. A numeric param is drawn on its value axis, logarithmic
+    where ``scales`` maps it to ``log`` or ``symlog``; other params get one tick per value.
     """
     if not params:
         return _empty("no hyperparameter varies across the trials")
@@ -177,7 +177,7 @@ def plot_metrics_vs_params(
         for column, param in enumerate(params):
             axes = figure.add_subplot(len(metrics), len(params), row * len(params) + column + 1)
             values = trials[param]
-            if param in categorical or scales.get(param) == "linear" and values.dtype == object:
+            if values.dtype == bool or not pd.api.types.is_numeric_dtype(values):
                 positions, categories = _categorical_positions(values)
                 axes.scatter(positions, trials[best_column(metric)], s=10, c=colours)
                 axes.set_xticks(range(len(categories)))
@@ -213,7 +213,7 @@ def _set_scale(axes, scale: str, values: pd.Series) -> None:
 
 
 def plot_neighbours(history: pd.DataFrame, title: str = "") -> Figure:
-    """Heatmap of each digit's nearest class code over the epochs: green where ideal.
+    """Plot a heatmap of each digit's nearest class code over the epochs: green where ideal.
 
     ``history`` is ``analysis.tables.neighbour_history``: index epoch, columns digits.
     """
@@ -254,7 +254,7 @@ def plot_neighbours(history: pd.DataFrame, title: str = "") -> Figure:
 
 
 def plot_variants(trials: pd.DataFrame, groups: pd.Series, metric: str, title: str) -> Figure:
-    """Box plot with points of best_<metric> for each group of trials."""
+    """Plot best_<metric> of each group of trials as a box with its points."""
     scored = trials[trials["status"] != "diverged"]
     labels = sorted(groups.loc[scored.index].astype(str).unique())
     figure = Figure(figsize=(max(4.0, 1.4 * len(labels) + 1.5), 3.4))

@@ -100,7 +100,7 @@ def _note(text: str) -> str:
 
 @dataclass
 class Context:
-    """What every section needs: the experiments, their combined tables and the options."""
+    """Inputs of every section: the experiments, their combined tables and the options."""
 
     experiments: list[Experiment]
     trials: pd.DataFrame
@@ -147,7 +147,8 @@ def best_section(context: Context) -> Section:
     section = Section(
         "best",
         "Best trials",
-        f"The {context.top * 2} best trials by their best {context.metric}, with the searched "
+        f"The {min(context.top * 2, len(context.trials))} best trials by their best "
+        f"{context.metric}, with the searched "
         "hyperparameters, the epoch of that best value, the epochs run, the status and the "
         "best value of every metric over the trial's epochs.",
     )
@@ -160,7 +161,7 @@ def importance_section(context: Context) -> Section:
     section = Section(
         "importance",
         "Parameter importance",
-        f"Optuna's importance evaluators on each experiment's study, for {context.metric} "
+        "Optuna's importance evaluators on each experiment's study, for the sweep's metric "
         "as the study recorded it (Ray's OptunaSearch reports a trial's value at its last "
         "epoch, also for trials that ASHA stopped early). PED-ANOVA also scores conditional "
         "parameters; fANOVA scores only those every completed trial has. A parameter whose "
@@ -250,8 +251,7 @@ def params_section(context: Context) -> Section:
     )
     study = context.study
     scales = tables.param_scales(context.trials, context.params, study)
-    categorical = tables.categorical_params(context.trials, context.params, study)
-    figure = plots.plot_metrics_vs_params(context.trials, context.params, scales, categorical)
+    figure = plots.plot_metrics_vs_params(context.trials, context.params, scales)
     section.blocks.append(context.files.figure("metrics_vs_params", figure))
     return section
 
@@ -407,6 +407,21 @@ def render_html(context: Context, sections: list[Section]) -> str:
     return "\n".join(parts)
 
 
+def _build_section(build, context: Context) -> Section:
+    """Build one section; data it cannot use becomes a note, so the rest still renders."""
+    started = time.perf_counter()
+    try:
+        section = build(context)
+    except (ValueError, KeyError) as error:
+        # A sweep still running or a folder from an older version can lack rows or columns.
+        logger.warning("%s failed: %s", build.__name__, error)
+        title = build.__name__.removesuffix("_section")
+        section = Section(title, title, "")
+        section.blocks.append(_note(f"this section could not be built: {error}"))
+    logger.info("%s: %.2f s", build.__name__, time.perf_counter() - started)
+    return section
+
+
 def analyze(
     paths: str | Path | Iterable[str | Path],
     out: str | Path,
@@ -451,11 +466,7 @@ def analyze(
         params=tables.searched_params(trials, study),
         files=ReportFiles(out),
     )
-    sections = []
-    for build in SECTIONS:
-        started = time.perf_counter()
-        sections.append(build(context))
-        logger.info("%s section: %.2f s", build.__name__, time.perf_counter() - started)
+    sections = [_build_section(build, context) for build in SECTIONS]
     report = out / REPORT_FILE
     atomic_write_text(report, render_html(context, sections))
     logger.info("wrote %s with %d figures and tables", report, len(context.files.files))

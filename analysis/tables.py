@@ -23,7 +23,7 @@ from glo_search.metrics import IDEAL_NEIGHBOURS, METRICS
 logger = logging.getLogger(__name__)
 
 NEAREST_COLUMNS = [f"nearest_{k}" for k in range(10)]
-# trials.parquet's ``epochs`` column holds the epochs a trial ran, not the config field.
+# trials.parquet's ``epochs`` column contains the epochs a trial ran, not the config field.
 NOT_HYPERPARAMETERS = ("epochs",)
 IMPORTANCE_EVALUATORS = ("ped_anova", "fanova")
 # Optuna's fANOVA defaults (64 trees of depth 64) took 40 s on a 1,000-trial study on
@@ -222,8 +222,8 @@ def loss_correlations(
     Returns one row per metric and subset: ``all`` (every trial-epoch that did not
     diverge) and ``lowest-loss quartile`` (those with ``loss`` at or below its
     ``quantile``). If a low loss picked good runs, the correlation would stay strong in
-    the lowest-loss subset; a value near 0 there means the loss cannot rank the runs that
-    reconstruct well. Columns: metric, subset, n, spearman_rho, p_value, loss_threshold.
+    the lowest-loss subset. A value near 0 there means that the loss cannot rank the runs
+    that reconstruct well. Columns: metric, subset, n, spearman_rho, p_value, loss_threshold.
     """
     if not 0 < quantile <= 1:
         raise ValueError(f"invalid quantile={quantile}: must be in (0, 1]")

@@ -1,4 +1,4 @@
-"""Analysis functions on constructed data with known answers, and the report on a
+"""Analysis functions on constructed data with known results, and the report on a
 synthetic experiment folder."""
 
 from __future__ import annotations
@@ -474,6 +474,7 @@ def test_analyze_cli_writes_report_without_ray(synthetic_experiment, tmp_path):
         check=True,
     )
     assert result.stdout.split()[-2:] == ["0", "False"]
+
     page = (out / "report.html").read_text()
     for key in (
         "best",
@@ -489,6 +490,33 @@ def test_analyze_cli_writes_report_without_ray(synthetic_experiment, tmp_path):
         assert f'<section id="{key}">' in page
     assert "no probe images recorded" in page
     assert "content_decay &gt; 0" in page  # the default split
+
     rungs = pd.read_csv(out / "rungs.csv")
     assert rungs["milestone"].tolist() == [1.0, 3.0, 6.0]  # grace 1, eta 3, max 6
     assert rungs["reached"].tolist() == [24, 24, 24]
+
+
+def test_analyze_several_folders(synthetic_experiment, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_experiment, copy)
+    out = tmp_path / "report"
+    analysis.analyze([synthetic_experiment, copy], out, top=2)
+    for name in ("importance_synthetic", "importance_synthetic_2", "rungs_synthetic_2"):
+        assert (out / f"{name}.csv").is_file()
+    variants = pd.read_csv(out / "variants_experiment.csv").set_index("experiment")
+    assert variants["trials"].to_dict() == {"synthetic": 24, "synthetic#2": 24}
+    best = pd.read_csv(out / "best_trials.csv")
+    assert best.columns[0] == "experiment"
+
+
+def test_analyze_notes_missing_epochs(synthetic_experiment, tmp_path):
+    # A trial without epoch rows, as in a sweep that is still starting it.
+    folder = tmp_path / "partial"
+    shutil.copytree(synthetic_experiment, folder)
+    trials = pd.read_parquet(folder / "trials.parquet")
+    best_id = trials.sort_values("best_disentanglement").trial_id.iloc[-1]
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    epochs[epochs["trial_id"] != best_id].to_parquet(folder / "epochs.parquet")
+    page = analysis.analyze(folder, tmp_path / "report", top=1).read_text()
+    assert f"could not be built: trial &#x27;{best_id}&#x27; has no rows" in page
+    assert '<section id="variants">' in page
