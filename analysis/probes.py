@@ -40,7 +40,7 @@ def trial_folder(experiment_folder: Path, trial_id: str, trial_dir: str | None) 
     """Return a trial's folder inside the experiment folder, whatever path was stored.
 
     A stored absolute path may point to where the experiment was written before it was
-    moved, so only its last part is used; ``trial_<id>`` is the fallback.
+    moved, so only its last part is used. ``trial_<id>`` is the fallback.
     """
     candidates = []
     if trial_dir:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_analysis.py [--trials 1000] [--epochs 100] [--limit 30]
 
-The Parquet files and the Optuna study are generated first (not timed); the analyze
+The Parquet files and the Optuna study are generated first and not timed. The analyze
 command then runs in a fresh Python process, so the time includes imports. Exits with 1
 when the command takes longer than --limit seconds.
 """

@@ -43,8 +43,8 @@ def ray_session():
 def small_experiment(ray_session, tmp_path_factory):
     """A real sweep of 4 trials of at most 3 epochs on 200 images, moved after it ran.
 
-    ASHA (grace period 1, reduction factor 2) stops some trials early. The folder is moved
-    to another parent after the sweep, so tests see it as a copied experiment would be.
+    ASHA (grace period 1, reduction factor 2) usually stops some trials early. The folder
+    is moved to another parent after the sweep, so tests see it as a copied experiment.
     """
     import shutil
 

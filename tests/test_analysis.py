@@ -3,6 +3,7 @@ synthetic experiment folder."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -520,3 +521,19 @@ def test_analyze_notes_missing_epochs(synthetic_experiment, tmp_path):
     page = analysis.analyze(folder, tmp_path / "report", top=1).read_text()
     assert f"could not be built: trial &#x27;{best_id}&#x27; has no rows" in page
     assert '<section id="variants">' in page
+
+
+def test_analyze_shows_probe_gallery(synthetic_experiment, tmp_path):
+    folder = tmp_path / "with-probes"
+    shutil.copytree(synthetic_experiment, folder)
+    trials = pd.read_parquet(folder / "trials.parquet")
+    best = trials.sort_values("best_disentanglement").iloc[-1]
+    probes = folder / f"trial_{best.trial_id}" / "probes"
+    probes.mkdir(parents=True)
+    (probes / f"thick_epoch_{int(best.best_epoch):04d}.png").write_bytes(png_bytes(200))
+    page = analysis.analyze(folder, tmp_path / "report", top=2).read_text()
+    gallery = page[page.index('<section id="probes">') : page.index('<section id="variants">')]
+    encoded = base64.b64encode(png_bytes(200)).decode("ascii")
+    assert f"thick, epoch {int(best.best_epoch)}" in gallery
+    assert encoded in gallery
+    assert gallery.count("no probe images recorded") == 1  # the second trial has none
