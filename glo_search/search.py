@@ -347,7 +347,10 @@ def scheduler_settings(scheduler: TrialScheduler) -> dict[str, Any]:
         return {}
     # NOTE: Ray 2.60 keeps the rungs only in private attributes (_brackets[i]._rungs, a list
     # of (milestone, results) pairs); a Ray release that renames them leaves this empty.
-    rungs = sorted({float(milestone) for bracket in brackets for milestone, _ in bracket._rungs})
+    milestones = {m for bracket in brackets for m, _ in getattr(bracket, "_rungs", [])}
+    if not milestones:
+        return {}
+    rungs = sorted(float(m) for m in milestones)
     return {
         "grace_period": min(rungs),
         "reduction_factor": scheduler._reduction_factor,

@@ -27,18 +27,7 @@ def test_shipped_split_shape_and_range():
     assert images.dtype == torch.float32
     assert images.min() == 0.0
     assert images.max() == 1.0
-    assert torch.bincount(labels).tolist() == [
-        980,
-        1135,
-        1032,
-        1010,
-        982,
-        892,
-        958,
-        1028,
-        974,
-        1009,
-    ]
+    assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def test_load_dataset_takes_first_n():
