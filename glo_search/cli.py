@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(commands)
     _add_sweep(commands)
+    _add_analyze(commands)
     commands.add_parser(
         "spaces",
         help="list the named search spaces",
@@ -207,6 +208,57 @@ def _add_sweep(commands) -> None:
     _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
 
 
+def _add_analyze(commands) -> None:
+    analyze = commands.add_parser(
+        "analyze",
+        help="write an HTML report, PNG plots and CSV tables for experiment folders",
+        description="Analyze one or several experiment folders of `glo-search sweep` "
+        "(trials.parquet, epochs.parquet, experiment.json, optuna.db) without Ray, and write "
+        "report.html (self-contained), PNG plots and CSV tables into --out.",
+    )
+    analyze.add_argument(
+        "experiments", nargs="+", type=Path, metavar="EXPERIMENT_DIR", help="experiment folder"
+    )
+    analyze.add_argument(
+        "--out", type=Path, required=True, help="output folder, created if missing"
+    )
+    analyze.add_argument(
+        "--metric",
+        default=None,
+        choices=list(METRICS),
+        metavar="METRIC",
+        help=f"metric that ranks trials, one of {', '.join(METRICS)} "
+        "(default: the first experiment's sweep metric)",
+    )
+    analyze.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="extra grouping of the variant comparison, COLUMN OP VALUE with OP one of "
+        "== != > >= < <=, e.g. 'content_decay > 0'; repeatable (default: 'content_decay > 0' "
+        "when some trials have 0 and others a positive value)",
+    )
+    analyze.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="trials in the learning curves and probe galleries (default: 5)",
+    )
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from analysis import AnalysisError, analyze
+
+    try:
+        report = analyze(args.experiments, args.out, args.metric, args.split, args.top)
+    except (AnalysisError, ValueError) as error:
+        print(f"glo-search: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report.resolve()}")
+    return 0
+
+
 def _config_values(args: argparse.Namespace, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -286,6 +338,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _run_train,
     "sweep": _run_sweep,
+    "analyze": _run_analyze,
     "spaces": _run_spaces,
     "classifier": _run_classifier,
 }

@@ -247,6 +247,7 @@ def sweep(
             "classifier": asdict(classifier.load_info()),
             "cpus_per_trial": cpus_per_trial,
             "gpus_per_trial": gpus_per_trial,
+            **scheduler_settings(scheduler),
         },
     )
 
@@ -353,6 +354,28 @@ def _run_config(
         ],
         verbose=verbose,
     )
+
+
+def scheduler_settings(scheduler: TrialScheduler) -> dict[str, Any]:
+    """Return an ASHA scheduler's grace period, reduction factor and rung milestones (epochs).
+
+    The analysis counts the trials that reached each rung from these. Returns {} for other
+    schedulers.
+    """
+    brackets = getattr(scheduler, "_brackets", None)
+    if not isinstance(scheduler, ASHAScheduler) or not brackets:
+        return {}
+    # NOTE: Ray 2.60 keeps the rungs only in private attributes (_brackets[i]._rungs, a list
+    # of (milestone, results) pairs); a Ray release that renames them leaves this empty.
+    milestones = {m for bracket in brackets for m, _ in getattr(bracket, "_rungs", [])}
+    if not milestones:
+        return {}
+    rungs = sorted(float(m) for m in milestones)
+    return {
+        "grace_period": min(rungs),
+        "reduction_factor": scheduler._reduction_factor,
+        "rungs": rungs,
+    }
 
 
 def _write_experiment_file(experiment_dir: Path, values: dict[str, Any]) -> None:

@@ -37,3 +37,31 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_experiment(ray_session, tmp_path_factory):
+    """A real sweep of 4 trials of at most 3 epochs on 200 images, moved after it ran.
+
+    ASHA (grace period 1, reduction factor 2) usually stops some trials early. The folder
+    is moved to another parent after the sweep, so tests see it as a copied experiment.
+    """
+    import shutil
+
+    from glo_search.search import sweep
+
+    storage = tmp_path_factory.mktemp("sweeps")
+    sweep(
+        "default",
+        num_samples=4,
+        max_epochs=3,
+        base_config={"num_images": 200, "swap_sources": 100},
+        storage=storage,
+        name="small",
+        grace_period=1,
+        reduction_factor=2,
+        verbose=0,
+    )
+    moved = tmp_path_factory.mktemp("moved") / "small-copy"
+    shutil.move(storage / "small", moved)
+    return moved
