@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_sweep(commands)
     _add_analyze(commands)
+    _add_probe(commands)
     commands.add_parser(
         "spaces",
         help="list the named search spaces",
@@ -259,6 +260,47 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_probe(commands) -> None:
+    probe = commands.add_parser(
+        "probe",
+        help="draw one probe triplet and its activation maps from a checkpoint",
+        description="Render the content code of one training image with the class code "
+        "of one class, and write the triplet [class image | content image | output] and "
+        "the generator's 16 activation maps (14x14) as PNG files.",
+    )
+    probe.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="a trainer.pt or best.pt file, a Ray checkpoint folder, or the --out folder "
+        "of `glo-search train`",
+    )
+    probe.add_argument(
+        "--class-label", type=int, required=True, help="class whose class code is used"
+    )
+    probe.add_argument(
+        "--content-index",
+        type=int,
+        required=True,
+        help="index of the training image whose content code is used",
+    )
+    probe.add_argument(
+        "--out", type=Path, default=Path("."), help="output folder (default: current folder)"
+    )
+    probe.add_argument(
+        "--scale",
+        type=int,
+        default=4,
+        help="enlargement factor of the PNG files, 1 for 28-pixel digits (default: 4)",
+    )
+    probe.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="device (default: cpu)",
+    )
+
+
 def _config_values(args: argparse.Namespace, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -311,6 +353,27 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_probe(args: argparse.Namespace) -> int:
+    from glo_search import probes
+
+    try:
+        trainer = probes.load_for_probes(args.checkpoint, args.device)
+        paths = probes.write_probe(
+            trainer, args.class_label, args.content_index, args.out, args.scale
+        )
+    except probes.ProbeError as error:
+        print(f"glo-search: error: {error}", file=sys.stderr)
+        return 2
+    source_label = int(trainer.dataset.labels[args.content_index])
+    print(
+        f"content of image {args.content_index} (label {source_label}) as class "
+        f"{args.class_label}, checkpoint of epoch {trainer.epoch}"
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def _run_spaces(args: argparse.Namespace) -> int:
     import search_spaces
 
@@ -339,6 +402,7 @@ COMMANDS = {
     "train": _run_train,
     "sweep": _run_sweep,
     "analyze": _run_analyze,
+    "probe": _run_probe,
     "spaces": _run_spaces,
     "classifier": _run_classifier,
 }

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-LOSSES = ("l1", "l2", "l1+l2")
-GENERATORS = ("glo",)
+LOSSES = ("l1", "l2", "l1+l2", "perceptual")
+GENERATORS = ("glo", "adain")
 DATASETS = ("shipped", "mnist")
 SPLITS = ("test", "train")
 
@@ -40,6 +41,11 @@ class TrainConfig:
     )
     loss: str = _field("l1+l2", f"reconstruction loss, one of {', '.join(LOSSES)}")
     generator: str = _field("glo", f"generator, one of {', '.join(GENERATORS)}")
+    perceptual_weights: str = _field(
+        "",
+        "torchvision VGG19 weights file (state dict) for loss 'perceptual'; empty: use "
+        "the reference digit classifier as the feature network",
+    )
     epochs: int = _field(50, "passes over the training images", "epochs")
     batch_size: int = _field(32, "images per optimizer step", "images")
     lr_generator: float = _field(1e-3, "Adam learning rate of the generator")
@@ -58,6 +64,12 @@ class TrainConfig:
     seed: int = _field(0, "seed of code initialization, batch order and metric sampling")
     swap_sources: int = _field(
         300, "content images used for the cross-class swap metrics", "images"
+    )
+    probe_every: int = _field(
+        5,
+        "epochs between probe and activation images in TensorBoard (also written at "
+        "each new best epoch); 0 writes none",
+        "epochs",
     )
 
     def __post_init__(self) -> None:
@@ -137,6 +149,7 @@ def validate(config: TrainConfig) -> None:
         _check_min(config, name, 1)
     _check_min(config, "num_images", 10)
     _check_min(config, "swap_sources", 10)
+    _check_min(config, "probe_every", 0)
     _check_min(config, "noise_std", 0.0)
     _check_min(config, "content_decay", 0.0)
     _check_min(config, "lr_generator", 0.0, strict=True)
@@ -147,5 +160,8 @@ def validate(config: TrainConfig) -> None:
     _check_choice(config, "split", SPLITS)
     if config.dataset == "shipped" and config.split != "test":
         raise _error("split", config.split, "the shipped dataset has only the test split")
+    if config.loss == "perceptual" and config.perceptual_weights:
+        if not Path(config.perceptual_weights).expanduser().is_file():
+            raise _error("perceptual_weights", config.perceptual_weights, "file not found")
     if config.dataset == "mnist" and not config.data_root:
         raise _error("data_root", config.data_root, "must name a folder when dataset is 'mnist'")

@@ -253,7 +253,9 @@ def sweep(
 
     ensure_ray(address)
     trainable = tune.with_resources(
-        tune.with_parameters(train_glo, base=base.to_dict(), classifier_state=classifier_state),
+        tune.with_parameters(
+            train_glo, base=base.to_dict(), classifier_state=classifier_state, metric=metric
+        ),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
     tuner = tune.Tuner(

@@ -41,7 +41,7 @@ def train_run(
     atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     trainer = Trainer(config, load_dataset(config), classifier.load_state(), device)
     logger.info("training on %s: %s", trainer.device, config)
-    log = TrainingLog(out_dir / "tensorboard", config)
+    log = TrainingLog(out_dir / "tensorboard", config, metric)
     history: list[dict[str, Any]] = []
     best = None
     try:
@@ -50,7 +50,7 @@ def train_run(
             if result is None:
                 break
             history.append(result)
-            log.write_epoch(trainer.epoch, result)
+            log.write_epoch(trainer.epoch, result, trainer)
             write_table(history, out_dir / "epochs.parquet")
             trainer.save(out_dir / LAST_CHECKPOINT, extra={"metrics": _metrics(result)})
             value = result[metric]

@@ -45,8 +45,12 @@ def train_glo(
     config: dict[str, Any],
     base: dict[str, Any],
     classifier_state: dict[str, torch.Tensor] | None = None,
+    metric: str = "disentanglement",
 ) -> None:
-    """Train one trial: ``base`` (the sweep's fixed settings) updated by Tune's ``config``."""
+    """Train one trial: ``base`` (the sweep's fixed settings) updated by Tune's ``config``.
+
+    ``metric`` is the sweep's metric; TensorBoard's ``best/`` images follow it.
+    """
     train_config = from_dict({**base, **config_keys(config)})
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint
     context = tune.get_context()
@@ -54,7 +58,7 @@ def train_glo(
     torch.set_num_threads(max(1, int(cpus)))
     trainer = Trainer(train_config, load_dataset(train_config), classifier_state)
     _restore(trainer)
-    log = TrainingLog(Path(context.get_trial_dir()) / "tensorboard", train_config)
+    log = TrainingLog(Path(context.get_trial_dir()) / "tensorboard", train_config, metric)
     try:
         _train_loop(trainer, log)
     finally:
@@ -95,7 +99,7 @@ def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
             "train_loss": train_loss,
             "diverged": 0,
         }
-        log.write_epoch(trainer.epoch, result)
+        log.write_epoch(trainer.epoch, result, trainer)
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / CHECKPOINT_FILE, extra={"metrics": metrics})
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -66,7 +66,9 @@ class Trainer:
                 {"params": self.codes.parameters(), "lr": config.lr_latent},
             ]
         )
-        self.loss_fn = build_loss(config.loss)
+        self.loss_fn = build_loss(
+            config.loss, classifier_state, config.perceptual_weights, self.device
+        )
         self.order_rng = torch.Generator().manual_seed(config.seed + 1)
         self.noise_rng = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.classifier = (
