@@ -4,8 +4,9 @@ Two places are searched, in order, inside the trial folder:
 
 1. PNG files under ``probes/`` (any depth) whose file name ends in the epoch number, such
    as ``probes/thick_epoch_0012.png``;
-2. image summaries in the TensorBoard event files under ``tensorboard/`` whose tag
-   contains "probe".
+2. image summaries in the TensorBoard event files under ``tensorboard/``: the images the
+   trainer writes at each new best epoch (tags ``best/...``) when there are any, else the
+   periodic ones (tags containing "probe").
 
 For each image name (file stem without the epoch, or TensorBoard tag) the image of the
 epoch closest to the requested one is returned, the earlier one on a tie.
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 PROBES_FOLDER = "probes"
 TENSORBOARD_FOLDER = "tensorboard"
 PROBE_TAG_WORD = "probe"
+BEST_TAG_PREFIX = "best/"
 _EPOCH_SUFFIX = re.compile(r"^(.*?)[_\-. ]*(?:epoch|step)?[_\-]?(\d+)$", re.IGNORECASE)
 
 
@@ -87,9 +89,9 @@ def _tensorboard_probes(folder: Path, epoch: int) -> list[ProbeImage]:
             str(run), size_guidance={event_accumulator.IMAGES: 0, event_accumulator.SCALARS: 1}
         )
         accumulator.Reload()
-        for tag in accumulator.Tags().get(event_accumulator.IMAGES, []):
-            if PROBE_TAG_WORD not in tag.lower():
-                continue
+        tags = accumulator.Tags().get(event_accumulator.IMAGES, [])
+        best_tags = [tag for tag in tags if tag.startswith(BEST_TAG_PREFIX)]
+        for tag in best_tags or [tag for tag in tags if PROBE_TAG_WORD in tag.lower()]:
             events = {event.step: event for event in accumulator.Images(tag)}
             chosen = _closest(list(events), epoch)
             images.append(

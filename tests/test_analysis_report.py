@@ -57,8 +57,11 @@ def test_report_has_every_section(report):
 def test_report_is_self_contained(report):
     page = report.read_text()
     images = IMAGE_PATTERN.findall(page)
-    assert len(images) >= 6  # importance, loss, curves, rungs, params, neighbours
-    assert len(images) == len(list(report.parent.glob("*.png")))
+    figures = list(report.parent.glob("*.png"))
+    assert len(figures) >= 6  # importance, loss, curves, rungs, params, neighbours
+    gallery = re.findall(r'<img [^>]*alt="best/', page)
+    assert gallery  # trials write probe images at each new best epoch
+    assert len(images) == len(figures) + len(gallery)
     for encoded in images:
         assert Image.open(io.BytesIO(base64.b64decode(encoded))).format == "PNG"
     assert "http://" not in page
