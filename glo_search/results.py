@@ -7,6 +7,7 @@ a killed driver loses at most the last few seconds of results.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -20,13 +21,14 @@ from glo_search.config import FIELDS, ConfigError, from_dict
 from glo_search.io import atomic_write
 from glo_search.metrics import METRICS
 from glo_search.spaces import config_keys
+from glo_search.storage import ExperimentLocation, open_experiment
 
 logger = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 FLUSH_SECONDS = 10.0
-EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s")
+EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s", "node_id")
 STATUSES = ("running", "completed", "stopped", "diverged", "error")
 
 
@@ -41,13 +43,13 @@ class ResultsWriter(tune.Callback):
 
     def __init__(
         self,
-        experiment_dir: str | Path,
+        experiment_dir: str | Path | ExperimentLocation,
         base: dict[str, Any],
         metric: str,
         mode: str,
         max_epochs: int,
     ) -> None:
-        self.experiment_dir = Path(experiment_dir)
+        self.relocate(experiment_dir)
         self.base = base
         self.metric = metric
         self.mode = mode
@@ -56,16 +58,22 @@ class ResultsWriter(tune.Callback):
         self.epochs: dict[str, list[dict[str, Any]]] = {}
         self._last_flush = 0.0
 
+    def relocate(self, experiment_dir: str | Path | ExperimentLocation) -> None:
+        """Write to this folder (a resumed sweep's folder may have moved since it started)."""
+        if not isinstance(experiment_dir, ExperimentLocation):
+            experiment_dir = open_experiment(experiment_dir)
+        self.location = experiment_dir
+        self.experiment_dir = Path(experiment_dir.path)
+
     def setup(self, **info: Any) -> None:
         """Reload rows written before a resume, so finished trials stay in the files."""
-        trials_path = self.experiment_dir / TRIALS_FILE
-        epochs_path = self.experiment_dir / EPOCHS_FILE
-        if trials_path.is_file() and epochs_path.is_file():
-            for row in pq.read_table(trials_path).to_pylist():
+        location = self.location
+        if location.has_file(TRIALS_FILE) and location.has_file(EPOCHS_FILE):
+            for row in pq.read_table(location.open_input_file(TRIALS_FILE)).to_pylist():
                 self.trials[row["trial_id"]] = row
-            for row in pq.read_table(epochs_path).to_pylist():
+            for row in pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pylist():
                 self.epochs.setdefault(row["trial_id"], []).append(row)
-            logger.info("loaded %d earlier trials from %s", len(self.trials), trials_path)
+            logger.info("loaded %d earlier trials from %s", len(self.trials), location.uri)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._update_trial(trial, "running")
@@ -147,8 +155,8 @@ class ResultsWriter(tune.Callback):
         self._last_flush = time.monotonic()
         trials = list(self.trials.values())
         epochs = [row for rows in self.epochs.values() for row in rows]
-        write_table(trials, self.experiment_dir / TRIALS_FILE)
-        write_table(epochs, self.experiment_dir / EPOCHS_FILE)
+        self.location.write_bytes(TRIALS_FILE, table_bytes(trials))
+        self.location.write_bytes(EPOCHS_FILE, table_bytes(epochs))
 
 
 def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
@@ -192,14 +200,18 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def read_experiment(experiment_dir: str | Path):
-    """Return (trials, epochs) pandas DataFrames of an experiment folder."""
-    import pandas as pd
+def table_bytes(rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
 
-    experiment_dir = Path(experiment_dir)
+
+def read_experiment(experiment_dir: str | Path):
+    """Return (trials, epochs) pandas DataFrames of an experiment folder (path or URI)."""
+    location = open_experiment(experiment_dir)
     return (
-        pd.read_parquet(experiment_dir / TRIALS_FILE),
-        pd.read_parquet(experiment_dir / EPOCHS_FILE),
+        pq.read_table(location.open_input_file(TRIALS_FILE)).to_pandas(),
+        pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pandas(),
     )
 
 
