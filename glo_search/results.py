@@ -30,6 +30,7 @@ EPOCHS_FILE = "epochs.parquet"
 FLUSH_SECONDS = 10.0
 EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s", "node_id")
 STATUSES = ("running", "completed", "stopped", "diverged", "error")
+FINAL_STATUSES = frozenset(STATUSES[1:])
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -57,6 +58,7 @@ class ResultsWriter(tune.Callback):
         self.trials: dict[str, dict[str, Any]] = {}
         self.epochs: dict[str, list[dict[str, Any]]] = {}
         self._last_flush = 0.0
+        self._finished_before: set[str] = set()
 
     def relocate(self, experiment_dir: str | Path | ExperimentLocation) -> None:
         """Write to this folder (a resumed sweep's folder may have moved since it started)."""
@@ -74,13 +76,27 @@ class ResultsWriter(tune.Callback):
             for row in pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pylist():
                 self.epochs.setdefault(row["trial_id"], []).append(row)
             logger.info("loaded %d earlier trials from %s", len(self.trials), location.uri)
+        # NOTE: Tune saves its state after trial checkpoints, not when a trial ends, so a
+        # driver killed just after a trial ended can leave Tune resuming that trial. Its
+        # rows stay as they were recorded; the rerun only costs compute.
+        self._finished_before = {
+            trial_id for trial_id, row in self.trials.items() if row["status"] in FINAL_STATUSES
+        }
+
+    def _ignored(self, trial) -> bool:
+        return trial.trial_id in self._finished_before
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        if self._ignored(trial):
+            logger.warning("trial %s had finished before the resume; Tune runs it again", trial)
+            return
         self._update_trial(trial, "running")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial, result: dict, **info: Any
     ) -> None:
+        if self._ignored(trial):
+            return
         rows = self.epochs.setdefault(trial.trial_id, [])
         epoch = int(result["epoch"])
         # A trial retried from its checkpoint reports some epochs again: keep the newest.
@@ -103,6 +119,8 @@ class ResultsWriter(tune.Callback):
         self.flush()
 
     def _finish(self, trial, error: bool) -> None:
+        if self._ignored(trial):
+            return
         rows = self.epochs.get(trial.trial_id, [])
         if error:
             status = "error"

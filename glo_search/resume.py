@@ -20,7 +20,7 @@ from ray import tune
 from glo_search import classifier
 from glo_search.config import ConfigError, from_dict
 from glo_search.results import ResultsWriter
-from glo_search.searcher import GloOptunaSearch
+from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
 from glo_search.spaces import resolve
 from glo_search.storage import ExperimentLocation, open_experiment
 
@@ -123,7 +123,7 @@ def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:
 
 
 def _check_classifier(settings: dict[str, Any]) -> None:
-    current = asdict(classifier.load_info())
+    current = json.loads(json.dumps(asdict(classifier.load_info())))  # tuples as lists
     if settings.get("classifier") not in (None, current):
         logger.warning(
             "the reference classifier differs from the one the sweep started with "
@@ -145,7 +145,10 @@ def _relocate(tuner: tune.Tuner, location: ExperimentLocation) -> GloOptunaSearc
     # NOTE: Tuner has no public accessor for the restored configs (Ray 2.60); this
     # reads TunerInternal's attributes and fails loudly if a Ray release renames them.
     internal = tuner._local_tuner
-    searcher = internal._tune_config.search_alg
+    search_alg = internal._tune_config.search_alg
+    if isinstance(search_alg, RelocatableSearchGenerator):
+        search_alg.relocate(location)
+    searcher = base_searcher(search_alg)
     for callback in internal.get_run_config().callbacks or []:
         if isinstance(callback, ResultsWriter):
             callback.relocate(location)

@@ -29,14 +29,20 @@ from ray.tune.schedulers import (
     MedianStoppingRule,
     TrialScheduler,
 )
-from ray.tune.search import SearchAlgorithm, Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 
 from glo_search import classifier
 from glo_search.config import ConfigError, TrainConfig, from_dict
 from glo_search.metrics import metric_mode
 from glo_search.points import check_points, read_points
 from glo_search.results import ResultsWriter
-from glo_search.searcher import STUDY_FILE, GloOptunaSearch, sqlite_url
+from glo_search.searcher import (
+    STUDY_FILE,
+    GloOptunaSearch,
+    RelocatableSearchGenerator,
+    base_searcher,
+    sqlite_url,
+)
 from glo_search.spaces import ResolvedSpace, resolve
 from glo_search.storage import ExperimentLocation, locate
 from glo_search.trainable import train_glo
@@ -362,7 +368,7 @@ def _build_tuner(
 ) -> tuple[tune.Tuner, Any]:
     if search_alg is None:
         study_url, mirror = study_place(location)
-        search_alg = make_searcher(
+        searcher = make_searcher(
             resolved,
             metric,
             mode,
@@ -374,6 +380,11 @@ def _build_tuner(
             settings["points"],
             mirror,
         )
+        if max_concurrent:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        # Wrapped here, not by Tune, so that resume can relocate the restored generator.
+        search_alg = RelocatableSearchGenerator(searcher)
+        max_concurrent = None
     scheduler = scheduler or make_scheduler(
         "asha", settings["max_epochs"], settings["grace_period"], settings["reduction_factor"]
     )
@@ -417,8 +428,9 @@ def _copy_study(search_alg, location: ExperimentLocation) -> None:
     # NOTE: for an experiment folder on an object store, this final copy of the local
     # SQLite study makes optuna.db in the folder match the study; the copies after each
     # trial leave it at most one change behind if the driver is killed.
-    if isinstance(search_alg, GloOptunaSearch):
-        search_alg.sync_mirror()
+    searcher = base_searcher(search_alg)
+    if isinstance(searcher, GloOptunaSearch):
+        searcher.sync_mirror()
     if not location.is_local:
         logger.info("Optuna study copied to %s/%s", location.uri, STUDY_FILE)
 

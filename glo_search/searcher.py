@@ -8,6 +8,7 @@ Optuna's own pruners leave them, and TPE then weighs them by the epoch they reac
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import pickle
@@ -16,6 +17,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from glo_search.metrics import METRICS
@@ -233,3 +235,39 @@ class GloOptunaSearch(OptunaSearch):
             return
         location, relative = self._mirror
         location.upload(Path(self._study_url.removeprefix("sqlite:///")), relative)
+
+
+def base_searcher(search_alg: Any) -> Any:
+    """The innermost searcher under Tune's wrappers (SearchGenerator, ConcurrencyLimiter)."""
+    while hasattr(search_alg, "searcher"):
+        search_alg = search_alg.searcher
+    return search_alg
+
+
+class RelocatableSearchGenerator(SearchGenerator):
+    """SearchGenerator that creates the trials of a resumed sweep in the folder as it is now.
+
+    Ray Tune's SearchGenerator (Ray 2.60) restores the experiment spec it saved, storage
+    path included, so trials created after resuming a moved folder would be set up at the
+    folder's old place, and fail there. :meth:`relocate` names the current place.
+    """
+
+    def __init__(self, searcher) -> None:
+        super().__init__(searcher)
+        self._location = None
+
+    def relocate(self, location) -> None:
+        self._location = location
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if self._location is None or self._experiment is None:
+            return
+        # The same fields that Tune's controller updates on the trials it restores; the
+        # copy keeps the saved staging folder, which the restored run reuses.
+        storage = copy.copy(self._experiment.storage)
+        storage.storage_filesystem = self._location.filesystem
+        storage.storage_fs_path = self._location.storage_path
+        storage.experiment_dir_name = self._location.name
+        self._experiment.storage = storage
+        self._experiment.spec["storage"] = storage
