@@ -304,9 +304,8 @@ def _run_resume(args: argparse.Namespace) -> int:
     from glo_search.resume import read_settings, resume
     from glo_search.storage import open_experiment
 
-    metric = read_settings(open_experiment(args.experiment))["metric"]
     grid = resume(args.experiment, address=args.address, dashboard_host=args.dashboard)
-    _print_summary(grid, metric)
+    _print_summary(grid, read_settings(open_experiment(args.experiment))["metric"])
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 import yaml
+from optuna.distributions import CategoricalDistribution
 from ray.tune.search.optuna import OptunaSearch
 
 from glo_search.config import ConfigError, TrainConfig
@@ -37,9 +38,15 @@ def read_points(path: str | Path) -> list[dict[str, Any]]:
             points = json.loads(path.read_text())
         else:
             points = yaml.safe_load(path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        detail = " ".join(str(error).split())
-        raise ConfigError(f"cannot parse points file {path}: {detail}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"cannot parse points file {path}: {error.msg} at line {error.lineno}"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"cannot parse points file {path}: {problem}{where}") from None
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise ConfigError(
             f"points file {path} must contain a list of mappings from config key to value, "
@@ -66,8 +73,8 @@ def check_points(
     """
     if len(points) > num_samples:
         raise ConfigError(
-            f"{source} has {len(points)} configurations but the sweep runs only "
-            f"{num_samples} trials; raise --num-samples or drop points"
+            f"{source} has {len(points)} configurations but --num-samples is "
+            f"{num_samples}; raise --num-samples or drop points"
         )
     searcher_space = space.space
     if space.kind == "ray":
@@ -95,13 +102,30 @@ def _check_point(index, point, space, searcher_space, base, source) -> dict[str,
                 f"{where} lacks {missing[0]!r}; a point for search space {space.name!r} "
                 f"sets every key it varies: {', '.join(sorted(searcher_space))}"
             )
+        _check_choices(where, point, space.name, searcher_space)
+    _check_config(where, base, point)  # before Optuna, whose messages name no key
     values = _reproduce(where, point, space, searcher_space)
+    _check_config(where, base, values)
+    steering = {k: v for k, v in values.items() if k.startswith("_") and k not in point}
+    return {**point, **steering}
+
+
+def _check_config(where: str, base: TrainConfig, values: dict[str, Any]) -> None:
     try:
         base.replace(**config_keys(values))
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
-    steering = {k: v for k, v in values.items() if k.startswith("_") and k not in point}
-    return {**point, **steering}
+
+
+def _check_choices(where, point, space_name, searcher_space) -> None:
+    for key, distribution in searcher_space.items():
+        if isinstance(distribution, CategoricalDistribution):
+            if not any(_same(point[key], choice) for choice in distribution.choices):
+                choices = ", ".join(str(choice) for choice in distribution.choices)
+                raise ConfigError(
+                    f"{where} sets {key}={point[key]!r}, which is not a choice of search "
+                    f"space {space_name!r}: {choices}"
+                )
 
 
 def _reproduce(where, point, space, searcher_space) -> dict[str, Any]:

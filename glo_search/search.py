@@ -209,15 +209,22 @@ def ray_init_options(
             "--dashboard starts the dashboard of a Ray instance on this machine; with "
             "--address the cluster's own dashboard applies (ray start --dashboard-host)"
         )
-    from ray._private.utils import check_dashboard_dependencies_installed
-
-    if not check_dashboard_dependencies_installed():
+    missing = dashboard_dependency_error()
+    if missing:
         raise ConfigError(
-            "--dashboard needs Ray's dashboard packages; install them with: "
+            f"--dashboard needs Ray's dashboard packages ({missing}); install them with: "
             "pip install 'ray[default]'"
         )
     options.update(include_dashboard=True, dashboard_host=dashboard_host)
     return options
+
+
+def dashboard_dependency_error() -> str | None:
+    """Why Ray cannot start its dashboard here, or None when it can."""
+    # NOTE: the check Ray itself runs before starting the dashboard (Ray 2.60); it is
+    # private, so a Ray release without it skips the check and lets ray.init report.
+    check = getattr(ray._private.utils, "get_dashboard_dependency_error", None)
+    return None if check is None else check()
 
 
 def make_trainable(
@@ -305,11 +312,12 @@ def sweep(
     warm_start = _warm_start_points(points, resolved, search_alg, base, num_samples)
     name = name or f"{resolved.name if resolved else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     location = _experiment_location(storage, name)
+    _check_data(base)
     classifier_state = classifier.load_state()
-    ensure_ray(address, dashboard_host=dashboard_host)
 
     location.create()
     try:
+        ensure_ray(address, dashboard_host=dashboard_host)
         tuner, search_alg = _build_tuner(
             location=location,
             resolved=resolved,
@@ -349,6 +357,14 @@ def sweep(
         return tuner.fit()
     finally:
         _copy_study(search_alg, location)
+
+
+def _check_data(base: TrainConfig) -> None:
+    """Load the training digits once in the driver, so a data error stops the sweep here
+    instead of failing every trial."""
+    from glo_search.data import load_dataset
+
+    load_dataset(base)
 
 
 def _build_tuner(

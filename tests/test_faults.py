@@ -24,6 +24,7 @@ from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR, sqlite_url
 
 SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50}
 MAX_EPOCHS = 4
+ASHA_EPOCHS = 3
 HUGE_LR = 1e10  # Adam steps of this size overflow float32 in the first epoch
 
 
@@ -57,15 +58,15 @@ def load_study(experiment_dir) -> dict[str, optuna.trial.FrozenTrial]:
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_session, tmp_path_factory):
-    """Six trials under ASHA (rungs at epochs 1 and 2), the first with a huge learning rate."""
+    """Five trials under ASHA (rungs at epochs 1 and 2), the first with a huge learning rate."""
     scheduler = RecordingASHA(
-        time_attr="epoch", max_t=MAX_EPOCHS, grace_period=1, reduction_factor=2
+        time_attr="epoch", max_t=ASHA_EPOCHS, grace_period=1, reduction_factor=2
     )
     storage = tmp_path_factory.mktemp("asha")
     sweep(
         {"lr_generator": CategoricalDistribution([1e-3, 3e-3, HUGE_LR])},
-        num_samples=6,
-        max_epochs=MAX_EPOCHS,
+        num_samples=5,
+        max_epochs=ASHA_EPOCHS,
         base_config=SMALL,
         scheduler=scheduler,
         sampler="random",
@@ -92,7 +93,7 @@ def test_diverged_trial_recorded_with_worst(asha_sweep):
 
 def test_sweep_goes_on_after_divergence(asha_sweep):
     _, trials, _, _ = asha_sweep
-    assert len(trials) == 6
+    assert len(trials) == 5
     normal = trials[trials.lr_generator != HUGE_LR]
     assert len(normal) >= 1
     assert set(normal.status) <= {"completed", "stopped"}
@@ -129,7 +130,7 @@ def test_study_states_match_asha(asha_sweep):
             assert max(trial.intermediate_values) == row.epochs
         else:
             assert trial.state == TrialState.COMPLETE, row.trial_id
-            assert row.epochs == MAX_EPOCHS
+            assert row.epochs == ASHA_EPOCHS
             assert trial.value == pytest.approx(row.last_disentanglement)
 
 
