@@ -312,13 +312,14 @@ def _run_resume(args: argparse.Namespace) -> int:
 def _print_summary(grid, metric: str) -> None:
     from glo_search.results import best_trials_table, read_experiment
     from glo_search.searcher import STUDY_FILE
+    from glo_search.storage import ExperimentLocation
 
-    experiment = grid.experiment_path
-    trials, _ = read_experiment(experiment)
+    location = ExperimentLocation.of_result_grid(grid)
+    trials, _ = read_experiment(location)
     print()
     print(best_trials_table(trials, metric))
-    print(f"\nexperiment folder: {experiment}")
-    print(f"Optuna study: {experiment.rstrip('/')}/{STUDY_FILE}")
+    print(f"\nexperiment folder: {location.uri}")
+    print(f"Optuna study: {location.uri}/{STUDY_FILE}")
     if grid.errors:
         print(f"{len(grid.errors)} trial(s) failed; see the error.txt in their trial folders")
 

@@ -64,9 +64,9 @@ def check_points(
 ) -> list[dict[str, Any]]:
     """Validate warm-start points against a space and return them ready for OptunaSearch.
 
-    For a define-by-run space a point may omit keys (the sampler fills them in), and it
-    is completed with the branch parameters (names starting with ``_``) under which the
-    space reproduces the point's values, so that the sweep takes the same branch.
+    For a define-by-run space a point may omit keys, which the sampler then fills in. The
+    point gets the branch parameters (names starting with ``_``) under which the space
+    reproduces its values, so that the sweep takes the same branch.
 
     Raises:
         ConfigError: naming the point (counted from 1), the key and the rule.
@@ -131,11 +131,11 @@ def _check_choices(where, point, space_name, searcher_space) -> None:
 def _reproduce(where, point, space, searcher_space) -> dict[str, Any]:
     """Ask a throw-away study with the point enqueued until the space yields its values.
 
-    A define-by-run space may reach a point's value only in some branches (content_decay
-    0 only where the space returns it as a constant, since a log-scale range rejects 0),
-    so branches are sampled until one reproduces every value of the point. A branch in
-    which every parameter lies inside its distribution wins over one that reaches the
-    value only as an out-of-range fixed value.
+    A define-by-run space may reach a point's value only in some branches. For example,
+    the default space yields content_decay 0 only as a constant, because its log-scale
+    range rejects 0. So branches are sampled until one reproduces every value of the
+    point, and one in which every parameter lies inside its distribution wins over one
+    that reaches the value only as an out-of-range fixed value.
     """
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)

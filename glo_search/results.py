@@ -224,9 +224,11 @@ def table_bytes(rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def read_experiment(experiment_dir: str | Path):
+def read_experiment(experiment_dir: str | Path | ExperimentLocation):
     """Return (trials, epochs) pandas DataFrames of an experiment folder (path or URI)."""
-    location = open_experiment(experiment_dir)
+    location = experiment_dir
+    if not isinstance(location, ExperimentLocation):
+        location = open_experiment(experiment_dir)
     return (
         pq.read_table(location.open_input_file(TRIALS_FILE)).to_pandas(),
         pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pandas(),

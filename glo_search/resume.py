@@ -30,7 +30,7 @@ TUNER_FILE = "tuner.pkl"
 
 
 def read_settings(location: ExperimentLocation) -> dict[str, Any]:
-    """The settings a sweep was started with (experiment.json)."""
+    """Read the settings a sweep was started with (experiment.json)."""
     from glo_search.search import EXPERIMENT_FILE
 
     if not location.exists():
@@ -136,8 +136,8 @@ def _check_classifier(settings: dict[str, Any]) -> None:
 def _relocate(tuner: tune.Tuner, location: ExperimentLocation) -> GloOptunaSearch | None:
     """Point the restored searcher and result writer at the folder as it is now.
 
-    Tune unpickles both from the state saved when the sweep started, with the folder's
-    path of that time; a folder that was moved since would otherwise be written to at its
+    Tune unpickles both from the state saved when the sweep started, which holds the
+    folder's path of that time. Without this, a moved folder would be written to at its
     old place.
     """
     from glo_search.search import study_place

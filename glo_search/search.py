@@ -179,7 +179,7 @@ def ensure_ray(
     Without an address Ray starts locally even when `ray start` left a cluster running,
     which ray.init() would join by default. The dashboard stays off unless
     ``dashboard_host`` names the address to bind it to (``127.0.0.1`` for this machine
-    only); a cluster's dashboard is set where the cluster starts (`ray start
+    only). A cluster's dashboard is set where the cluster starts (`ray start
     --dashboard-host`).
     """
     if ray.is_initialized():
@@ -221,8 +221,8 @@ def ray_init_options(
 
 def dashboard_dependency_error() -> str | None:
     """Why Ray cannot start its dashboard here, or None when it can."""
-    # NOTE: the check Ray itself runs before starting the dashboard (Ray 2.60); it is
-    # private, so a Ray release without it skips the check and lets ray.init report.
+    # NOTE: this is the private check that Ray 2.60 runs before starting the dashboard.
+    # A Ray release without it skips the check here, and ray.init reports the problem.
     check = getattr(ray._private.utils, "get_dashboard_dependency_error", None)
     return None if check is None else check()
 
@@ -233,7 +233,7 @@ def make_trainable(
     cpus_per_trial: float,
     gpus_per_trial: float,
 ):
-    """The trainable of a sweep; ``resume`` builds it the same way from experiment.json."""
+    """Build the trainable of a sweep; ``resume`` calls this with experiment.json's values."""
     return tune.with_resources(
         tune.with_parameters(train_glo, base=base, classifier_state=classifier_state),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
@@ -441,9 +441,9 @@ def _build_tuner(
 
 
 def _copy_study(search_alg, location: ExperimentLocation) -> None:
-    # NOTE: for an experiment folder on an object store, this final copy of the local
-    # SQLite study makes optuna.db in the folder match the study; the copies after each
-    # trial leave it at most one change behind if the driver is killed.
+    # NOTE: for an experiment folder on an object store, this final copy makes optuna.db
+    # in the folder match the local SQLite study. A killed driver skips it, and the copy
+    # made after the last recorded change is what a resume then downloads.
     searcher = base_searcher(search_alg)
     if isinstance(searcher, GloOptunaSearch):
         searcher.sync_mirror()

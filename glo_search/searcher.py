@@ -1,6 +1,6 @@
 """Ray Tune's OptunaSearch with a truthful record of what the scheduler did.
 
-Ray's OptunaSearch (Ray 2.60) tells Optuna every trial that the scheduler stopped early as
+Ray's OptunaSearch (Ray 2.60) records every trial that the scheduler stopped early as
 COMPLETE with the value of its last epoch, so TPE treats partial values as final. This
 subclass records such trials as PRUNED with their intermediate values, which is how
 Optuna's own pruners leave them, and TPE then weighs them by the epoch they reached.
@@ -33,7 +33,7 @@ def sqlite_url(path: str | Path) -> str:
 
 
 class GloOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED for trials the scheduler stopped early.
+    """OptunaSearch that records trials the scheduler stopped early as PRUNED.
 
     The searcher does not see the scheduler's decisions, so it reads them from the last
     result of a trial: a trial whose last ``epoch`` is below ``max_epochs`` and that did
@@ -127,8 +127,8 @@ class GloOptunaSearch(OptunaSearch):
 
     def _setup_study(self, mode) -> None:
         self._storage = optuna.storages.RDBStorage(self._study_url)
-        # Ray calls this again when a sweep resumes; the warm-start points were enqueued
-        # in the study the first time, so enqueueing them again would run them twice.
+        # Ray calls this again when a sweep resumes. The warm-start points are already in
+        # the study from the first call, so enqueueing them again would run them twice.
         points = self._points_to_evaluate
         if points and self._study_has_trials():
             self._points_to_evaluate = []
@@ -149,9 +149,9 @@ class GloOptunaSearch(OptunaSearch):
     def _fail_orphans(self) -> None:
         """Mark FAIL the study's RUNNING trials that no Tune trial owns.
 
-        Optuna creates a trial when the searcher asks; when the driver dies between that
-        and Tune's next save of its state, the restored searcher no longer knows the
-        trial, so it would stay RUNNING forever.
+        Optuna creates a trial when the searcher requests a configuration. When the driver
+        dies before Tune's next save of its state, the restored searcher has no record of
+        that trial, so it would stay RUNNING forever.
         """
         owned = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -199,7 +199,7 @@ class GloOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("diverged", True)
         try:
             self._ot_study.tell(ot_trial, value, state=state)
-        except (ValueError, RuntimeError) as exc:  # e.g. the trial was told before a kill
+        except (ValueError, RuntimeError) as exc:  # e.g. finished in the study before a resume
             logger.warning("cannot record trial %s in the Optuna study: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
         self.sync_mirror()
@@ -238,7 +238,7 @@ class GloOptunaSearch(OptunaSearch):
 
 
 def base_searcher(search_alg: Any) -> Any:
-    """The innermost searcher under Tune's wrappers (SearchGenerator, ConcurrencyLimiter)."""
+    """Return the searcher inside Tune's wrappers (SearchGenerator, ConcurrencyLimiter)."""
     while hasattr(search_alg, "searcher"):
         search_alg = search_alg.searcher
     return search_alg

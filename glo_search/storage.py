@@ -36,6 +36,13 @@ class ExperimentLocation:
     path: str
     uri: str
 
+    @classmethod
+    def of_result_grid(cls, grid) -> ExperimentLocation:
+        """The experiment folder of a Ray Tune ResultGrid."""
+        filesystem, path = grid.filesystem, grid.experiment_path.rstrip("/")
+        local = isinstance(filesystem, pafs.LocalFileSystem)
+        return cls(filesystem, path, path if local else f"{filesystem.type_name}://{path}")
+
     @property
     def is_local(self) -> bool:
         return isinstance(self.filesystem, pafs.LocalFileSystem)

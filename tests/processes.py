@@ -1,8 +1,8 @@
 """Helpers for tests that run glo-search and Ray in their own processes.
 
-Every process a test starts gets its own session (process group), and every Ray process
-it leads to runs with a temporary folder unique to the test, so cleanup can end exactly
-those processes, by id, and never another Ray instance on the machine.
+Every process a test starts gets its own session (process group). The Ray processes it
+leads to use a temporary folder unique to the test, so cleanup can end exactly those
+processes, by id, and never another Ray instance on the machine.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ SMALL = "--num-images 100 --swap-sources 20"
 @dataclass(frozen=True)
 class Case:
     id: str
-    what: str
+    description: str
     command: str  # CLI arguments; {tmp} is the case's own folder
     fragment: str  # a part of the message that names the culprit
     files: tuple[tuple[str, str], ...] = ()  # (path under {tmp}, content) to create first
@@ -255,8 +255,8 @@ def test_bad_input_message(case, tmp_path, capsys):
         "docs/bad_inputs.md is out of date; rewrite it with: python tests/test_bad_inputs.py"
     )
     runs = tmp_path / "runs"
-    made = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
-    assert made in ([], ["taken"]), f"a failed start left {made} in the storage folder"
+    leftover = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    assert leftover in ([], ["taken"]), f"a failed start left {leftover} in the storage folder"
 
 
 def test_doc_lists_every_case():
@@ -265,7 +265,7 @@ def test_doc_lists_every_case():
 
 def _row(case: Case, message: str) -> str:
     command = "glo-search " + shlex.join(command_line(case, Path("<tmp>")))
-    cells = [f"`{case.id}`", case.what, f"`{command}`", message.replace("|", "\\|")]
+    cells = [f"`{case.id}`", case.description, f"`{command}`", message.replace("|", "\\|")]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -4,8 +4,8 @@ Both nodes bind to 127.0.0.2, a loopback address: Ray replaces 127.0.0.1 and loc
 by the machine's network address when it connects (Ray 2.60,
 ``resolve_ip_for_localhost``), and any other 127.x.y.z address keeps the traffic on the
 loopback interface. The cluster uses token authentication with a token made for the
-test, and a temporary folder of its own, so a later plain ``ray.init()`` can never find
-and join it; the test stops both nodes by process group and checks that no process that
+test, and a temporary folder of its own, so a later plain ``ray.init()`` cannot find and
+join it. The test stops both nodes by process group, then checks that no process that
 mentions its folder is left.
 """
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
+from glo_search.search import study_place
 from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch, sqlite_url
+from glo_search.storage import locate
 
 METRIC = "disentanglement"
 MAX_EPOCHS = 4
@@ -159,3 +162,23 @@ def test_searcher_ignores_extra_completion(tmp_path, completion):
     trial_id = "a" if completion == "twice" else "never-suggested"
     searcher.on_trial_complete(trial_id, result(1, 0.9))
     assert study_trial(tmp_path, "a").value == 0.4
+
+
+def test_searcher_mirrors_study_to_object_store(tmp_path):
+    # pyarrow's in-memory filesystem is the object store: SQLite cannot open files there.
+    location = locate("mock:///bucket/runs", "exp")
+    location.create()
+    searcher = make_searcher(tmp_path)
+    searcher.relocate(sqlite_url(tmp_path / "optuna.db"), (location, "optuna.db"))
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    assert location.read_bytes("optuna.db") == (tmp_path / "optuna.db").read_bytes()
+
+
+def test_study_place_downloads_mirrored_study(tmp_path):
+    location = locate("mock:///bucket/runs", "exp")
+    location.create()
+    location.write_bytes("optuna.db", b"SQLite format 3\0")
+    study_url, mirror = study_place(location)
+    assert Path(study_url.removeprefix("sqlite:///")).read_bytes() == b"SQLite format 3\0"
+    assert mirror == (location, "optuna.db")
+    shutil.rmtree(Path(study_url.removeprefix("sqlite:///")).parent)

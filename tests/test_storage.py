@@ -24,7 +24,7 @@ def test_relative_storage_resolved(tmp_path, monkeypatch):
 
 
 def test_object_store_location_round_trip():
-    # pyarrow's in-memory filesystem stands in for an object store: not local, no rename.
+    # pyarrow's in-memory filesystem plays the object store: not local, and no rename.
     location = locate("mock:///bucket/runs", "exp")
     assert not location.is_local
     assert location.storage_path == "bucket/runs"
