@@ -3,9 +3,9 @@
 ``--storage`` takes a local path (relative paths are resolved against the working
 directory) or a URI such as ``file:///shared/runs`` or ``s3://bucket/runs``. Ray Tune
 gets the same filesystem, so trial checkpoints, Tune's experiment state and the result
-files all go to one place. Every file glo-search writes there is written whole: locally
-through a temporary file and a rename, on object stores by a single upload (an object
-store replaces an object in one step).
+files all go to one place. The files glo-search writes itself (experiment.json, the
+Parquet files, the study's copy) are written whole: locally through a temporary file and
+a rename, on object stores by a single upload, which replaces an object in one step.
 """
 
 from __future__ import annotations
