@@ -70,6 +70,10 @@ def resume(
     Restoring unpickles Tune's saved state, which runs code stored in the folder: resume
     only folders that you or your sweeps wrote.
 
+    NOTE: Ray Tune (2.60) does not save the scheduler's state, so ASHA starts the resumed
+    part with empty rungs. Trials are then compared only with trials that reach a rung
+    after the resume, and a rung stops nothing until enough of them arrive.
+
     Args:
         experiment: the experiment folder, as `glo-search sweep` printed it.
         space: the search space, needed only when the sweep searched a dict of Ray Tune
