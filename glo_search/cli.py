@@ -12,6 +12,10 @@ from glo_search.config import FIELDS, ConfigError, TrainConfig, flag, from_dict
 from glo_search.data import DataError
 from glo_search.metrics import METRICS
 
+# The same as glo_search.search.DEFAULT_MAX_FAILURES, which the CLI does not import at
+# start because that module loads Ray.
+DEFAULT_MAX_FAILURES = 2
+
 logger = logging.getLogger("glo_search")
 
 DEFAULTS = TrainConfig()
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(commands)
     _add_analyze(commands)
     _add_probe(commands)
+    _add_resume(commands)
     commands.add_parser(
         "spaces",
         help="list the named search spaces",
@@ -188,7 +193,9 @@ def _add_sweep(commands) -> None:
     sweep.add_argument(
         "--storage",
         default="glo-runs",
-        help="folder under which the experiment folder is made (default: glo-runs)",
+        help="folder, or URI that pyarrow.fs understands (file:///..., s3://bucket/...), "
+        "under which the experiment folder is made; on a cluster every node must reach "
+        "it (default: glo-runs)",
     )
     sweep.add_argument(
         "--name",
@@ -201,12 +208,53 @@ def _add_sweep(commands) -> None:
         default=0,
         help="seed of the sampler and of every trial's training (default: 0)",
     )
+    _add_ray_flags(sweep)
     sweep.add_argument(
+        "--max-failures",
+        type=int,
+        default=DEFAULT_MAX_FAILURES,
+        help="times a crashed trial is restarted from its latest checkpoint before it "
+        f"counts as an error (default: {DEFAULT_MAX_FAILURES})",
+    )
+    sweep.add_argument(
+        "--points",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON or YAML list of configurations to evaluate first (warm start); keys "
+        "must be keys the search space varies",
+    )
+    _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--address",
         default=None,
         help="Ray cluster address, e.g. 10.0.0.5:6379 (default: start Ray on this machine)",
     )
-    _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
+    parser.add_argument(
+        "--dashboard",
+        nargs="?",
+        const="127.0.0.1",
+        default=None,
+        metavar="HOST",
+        help="start Ray's dashboard (needs pip install 'ray[default]'), bound to HOST "
+        "(default when given without HOST: 127.0.0.1, this machine only); off by default",
+    )
+
+
+def _add_resume(commands) -> None:
+    resume = commands.add_parser(
+        "resume",
+        help="continue an interrupted sweep from its experiment folder",
+        description="Continue a sweep whose driver stopped: finished trials are kept, "
+        "unfinished ones continue from their latest checkpoint, and the Optuna study "
+        "keeps its history. Resuming unpickles state stored in the folder, so resume "
+        "only folders that you or your sweeps wrote.",
+    )
+    resume.add_argument("experiment", metavar="DIR", help="experiment folder (path or URI)")
+    _add_ray_flags(resume)
 
 
 def _add_analyze(commands) -> None:
@@ -317,7 +365,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from glo_search.results import best_trial_summary, best_trials_table, read_experiment
     from glo_search.search import make_scheduler, sweep
 
     fixed = _config_values(args, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS])
@@ -340,17 +387,37 @@ def _run_sweep(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial,
         seed=args.seed,
         address=args.address,
+        max_failures=args.max_failures,
+        points=args.points,
+        dashboard_host=args.dashboard,
     )
-    experiment_dir = Path(grid.experiment_path)
-    trials, epochs = read_experiment(experiment_dir)
+    _print_summary(grid, args.metric)
+    return 0
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    from glo_search.resume import read_settings, resume
+    from glo_search.storage import open_experiment
+
+    grid = resume(args.experiment, address=args.address, dashboard_host=args.dashboard)
+    _print_summary(grid, read_settings(open_experiment(args.experiment))["metric"])
+    return 0
+
+
+def _print_summary(grid, metric: str) -> None:
+    from glo_search.results import best_trial_summary, best_trials_table, read_experiment
+    from glo_search.searcher import STUDY_FILE
+    from glo_search.storage import ExperimentLocation
+
+    location = ExperimentLocation.of_result_grid(grid)
+    trials, epochs = read_experiment(location)
     print()
-    print(best_trials_table(trials, args.metric))
-    print(best_trial_summary(trials, epochs, args.metric))
-    print(f"\nexperiment folder: {experiment_dir}")
-    print(f"Optuna study: {experiment_dir / 'optuna.db'}")
+    print(best_trials_table(trials, metric))
+    print(best_trial_summary(trials, epochs, metric))
+    print(f"\nexperiment folder: {location.uri}")
+    print(f"Optuna study: {location.uri}/{STUDY_FILE}")
     if grid.errors:
         print(f"{len(grid.errors)} trial(s) failed; see the error.txt in their trial folders")
-    return 0
 
 
 def _run_probe(args: argparse.Namespace) -> int:
@@ -401,8 +468,6 @@ def _run_classifier(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _run_train,
     "sweep": _run_sweep,
-    "analyze": _run_analyze,
-    "probe": _run_probe,
     "spaces": _run_spaces,
     "classifier": _run_classifier,
 }

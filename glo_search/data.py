@@ -104,11 +104,23 @@ def load_torchvision(root: str, split: str, download: bool):
     try:
         mnist = MNIST(root, train=split == "train", download=download)
     except RuntimeError as error:
+        if "not found" not in str(error):
+            raise _corrupt(root, split, error) from error
         hint = "" if download else "; add --download to fetch it (needs a network)"
         raise DataError(f"MNIST {split} split not found under {root!r}{hint}") from error
+    except (AssertionError, ValueError) as error:  # torchvision's IDX parser asserts
+        raise _corrupt(root, split, error) from error
     except OSError as error:  # network failures during download
         raise DataError(f"downloading MNIST into {root!r} failed: {error}") from error
     return _to_tensors(mnist.data.numpy(), mnist.targets.numpy())
+
+
+def _corrupt(root: str, split: str, error: Exception) -> DataError:
+    detail = f"{type(error).__name__}: {error}".rstrip(": ")
+    return DataError(
+        f"MNIST {split} split under {root!r} is not valid IDX data ({detail}); delete "
+        "the files under MNIST/raw and fetch them again with --download"
+    )
 
 
 def load_split(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:

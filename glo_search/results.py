@@ -7,6 +7,7 @@ a killed driver loses at most the last few seconds of results.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -20,13 +21,16 @@ from glo_search.config import FIELDS, ConfigError, from_dict
 from glo_search.io import atomic_write
 from glo_search.metrics import METRICS
 from glo_search.spaces import config_keys
+from glo_search.storage import ExperimentLocation, open_experiment
 
 logger = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 FLUSH_SECONDS = 10.0
-EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s")
+EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s", "node_id")
+STATUSES = ("running", "completed", "stopped", "diverged", "error")
+FINAL_STATUSES = frozenset(STATUSES[1:])
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -40,13 +44,13 @@ class ResultsWriter(tune.Callback):
 
     def __init__(
         self,
-        experiment_dir: str | Path,
+        experiment_dir: str | Path | ExperimentLocation,
         base: dict[str, Any],
         metric: str,
         mode: str,
         max_epochs: int,
     ) -> None:
-        self.experiment_dir = Path(experiment_dir)
+        self.relocate(experiment_dir)
         self.base = base
         self.metric = metric
         self.mode = mode
@@ -54,24 +58,45 @@ class ResultsWriter(tune.Callback):
         self.trials: dict[str, dict[str, Any]] = {}
         self.epochs: dict[str, list[dict[str, Any]]] = {}
         self._last_flush = 0.0
+        self._finished_before: set[str] = set()
+
+    def relocate(self, experiment_dir: str | Path | ExperimentLocation) -> None:
+        """Write to this folder (a resumed sweep's folder may have moved since it started)."""
+        if not isinstance(experiment_dir, ExperimentLocation):
+            experiment_dir = open_experiment(experiment_dir)
+        self.location = experiment_dir
+        self.experiment_dir = Path(experiment_dir.path)
 
     def setup(self, **info: Any) -> None:
         """Reload rows written before a resume, so finished trials stay in the files."""
-        trials_path = self.experiment_dir / TRIALS_FILE
-        epochs_path = self.experiment_dir / EPOCHS_FILE
-        if trials_path.is_file() and epochs_path.is_file():
-            for row in pq.read_table(trials_path).to_pylist():
+        location = self.location
+        if location.has_file(TRIALS_FILE) and location.has_file(EPOCHS_FILE):
+            for row in pq.read_table(location.open_input_file(TRIALS_FILE)).to_pylist():
                 self.trials[row["trial_id"]] = row
-            for row in pq.read_table(epochs_path).to_pylist():
+            for row in pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pylist():
                 self.epochs.setdefault(row["trial_id"], []).append(row)
-            logger.info("loaded %d earlier trials from %s", len(self.trials), trials_path)
+            logger.info("loaded %d earlier trials from %s", len(self.trials), location.uri)
+        # NOTE: Tune saves its state after trial checkpoints, not when a trial ends, so a
+        # driver killed just after a trial ended can leave Tune resuming that trial. Its
+        # rows stay as they were recorded; the rerun only costs compute.
+        self._finished_before = {
+            trial_id for trial_id, row in self.trials.items() if row["status"] in FINAL_STATUSES
+        }
+
+    def _ignored(self, trial) -> bool:
+        return trial.trial_id in self._finished_before
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        if self._ignored(trial):
+            logger.warning("trial %s had finished before the resume; Tune runs it again", trial)
+            return
         self._update_trial(trial, "running")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial, result: dict, **info: Any
     ) -> None:
+        if self._ignored(trial):
+            return
         rows = self.epochs.setdefault(trial.trial_id, [])
         epoch = int(result["epoch"])
         # A trial retried from its checkpoint reports some epochs again: keep the newest.
@@ -94,6 +119,8 @@ class ResultsWriter(tune.Callback):
         self.flush()
 
     def _finish(self, trial, error: bool) -> None:
+        if self._ignored(trial):
+            return
         rows = self.epochs.get(trial.trial_id, [])
         if error:
             status = "error"
@@ -146,8 +173,8 @@ class ResultsWriter(tune.Callback):
         self._last_flush = time.monotonic()
         trials = list(self.trials.values())
         epochs = [row for rows in self.epochs.values() for row in rows]
-        write_table(trials, self.experiment_dir / TRIALS_FILE)
-        write_table(epochs, self.experiment_dir / EPOCHS_FILE)
+        self.location.write_bytes(TRIALS_FILE, table_bytes(trials))
+        self.location.write_bytes(EPOCHS_FILE, table_bytes(epochs))
 
 
 def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
@@ -191,14 +218,20 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def read_experiment(experiment_dir: str | Path):
-    """Return (trials, epochs) pandas DataFrames of an experiment folder."""
-    import pandas as pd
+def table_bytes(rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
 
-    experiment_dir = Path(experiment_dir)
+
+def read_experiment(experiment_dir: str | Path | ExperimentLocation):
+    """Return (trials, epochs) pandas DataFrames of an experiment folder (path or URI)."""
+    location = experiment_dir
+    if not isinstance(location, ExperimentLocation):
+        location = open_experiment(experiment_dir)
     return (
-        pd.read_parquet(experiment_dir / TRIALS_FILE),
-        pd.read_parquet(experiment_dir / EPOCHS_FILE),
+        pq.read_table(location.open_input_file(TRIALS_FILE)).to_pandas(),
+        pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pandas(),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,15 +29,22 @@ from ray.tune.schedulers import (
     MedianStoppingRule,
     TrialScheduler,
 )
-from ray.tune.search import SearchAlgorithm, Searcher
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 
 from glo_search import classifier
 from glo_search.config import ConfigError, TrainConfig, from_dict
-from glo_search.io import atomic_write_text
 from glo_search.metrics import metric_mode
+from glo_search.points import check_points, read_points
 from glo_search.results import ResultsWriter
+from glo_search.searcher import (
+    STUDY_FILE,
+    GloOptunaSearch,
+    RelocatableSearchGenerator,
+    base_searcher,
+    sqlite_url,
+)
 from glo_search.spaces import ResolvedSpace, resolve
+from glo_search.storage import ExperimentLocation, locate
 from glo_search.trainable import train_glo
 
 logger = logging.getLogger(__name__)
@@ -44,7 +52,7 @@ logger = logging.getLogger(__name__)
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
 SAMPLERS = ("tpe", "random")
 EXPERIMENT_FILE = "experiment.json"
-STUDY_FILE = "optuna.db"
+DEFAULT_MAX_FAILURES = 2
 
 
 def make_scheduler(
@@ -106,27 +114,49 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def study_storage(experiment_dir: Path) -> optuna.storages.RDBStorage:
     """Open the Optuna study's SQLite storage inside the experiment folder."""
-    return optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}")
+    return optuna.storages.RDBStorage(sqlite_url(experiment_dir / STUDY_FILE))
+
+
+def study_place(location: ExperimentLocation) -> tuple[str, tuple | None]:
+    """SQLAlchemy URL of the study's SQLite file, and where to mirror it (or None).
+
+    SQLite needs a local file that it can lock, so for an experiment folder on an object
+    store the study lives in a local temporary folder and is copied into the experiment
+    folder after every change (see GloOptunaSearch's ``mirror``).
+    """
+    if location.is_local:
+        return sqlite_url(location.local_dir / STUDY_FILE), None
+    local_dir = Path(tempfile.mkdtemp(prefix=f"glo-study-{location.name}-"))
+    if location.has_file(STUDY_FILE):
+        location.download(STUDY_FILE, local_dir / STUDY_FILE)
+    logger.info("Optuna study kept in %s and copied to %s", local_dir, location.uri)
+    return sqlite_url(local_dir / STUDY_FILE), (location, STUDY_FILE)
 
 
 def make_searcher(
     space: ResolvedSpace,
     metric: str,
     mode: str,
-    experiment_dir: Path,
+    study_url: str,
     study_name: str,
+    max_epochs: int,
     sampler: str = "tpe",
     seed: int = 0,
-) -> OptunaSearch:
-    """OptunaSearch over the space, with the study stored in the experiment folder."""
+    points: list[dict] | None = None,
+    mirror: tuple | None = None,
+) -> GloOptunaSearch:
+    """OptunaSearch over the space that records early-stopped trials as PRUNED."""
     searcher_space = None if space.kind == "ray" else space.space
-    return OptunaSearch(
+    return GloOptunaSearch(
         space=searcher_space,
         metric=metric,
         mode=mode,
         sampler=make_sampler(sampler, seed),
-        storage=study_storage(experiment_dir),
+        study_url=study_url,
         study_name=study_name,
+        max_epochs=max_epochs,
+        points_to_evaluate=points or None,
+        mirror=mirror,
     )
 
 
@@ -145,29 +175,91 @@ def _check_overlap(space: ResolvedSpace, fixed: dict | None) -> None:
         )
 
 
-def _experiment_dir(storage: str | Path, name: str) -> Path:
-    experiment_dir = Path(storage).expanduser().resolve() / name
-    if experiment_dir.exists() and any(experiment_dir.iterdir()):
+def _experiment_location(storage: str | Path, name: str) -> ExperimentLocation:
+    location = locate(storage, name)
+    try:
+        taken = location.exists() and not location.is_empty()
+    except OSError as error:
+        raise ConfigError(f"cannot read storage {location.uri}: {error}") from None
+    if taken:
         raise ConfigError(
-            f"experiment folder {experiment_dir} already exists and is not empty; "
-            f"choose another --name, or continue it with: glo-search resume {experiment_dir}"
+            f"experiment folder {location.uri} already exists and is not empty; "
+            f"choose another --name, or continue it with: glo-search resume {location.uri}"
         )
-    return experiment_dir
+    return location
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster at address, or start Ray in this process (dashboard off).
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard_host: str | None = None,
+) -> None:
+    """Connect to a Ray cluster at address, or start Ray in this process.
 
     Without an address Ray starts locally even when `ray start` left a cluster running,
-    which ray.init() would join by default.
+    which ray.init() would join by default. The dashboard stays off unless
+    ``dashboard_host`` names the address to bind it to (``127.0.0.1`` for this machine
+    only). A cluster's dashboard is set where the cluster starts (`ray start
+    --dashboard-host`).
     """
     if ray.is_initialized():
         return
-    ray.init(
-        address=address or "local",
-        num_cpus=None if address else num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
+    try:
+        ray.init(**ray_init_options(address, num_cpus, dashboard_host))
+    except ConnectionError as error:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at --address {address}: {error}"
+        ) from None
+
+
+def ray_init_options(
+    address: str | None, num_cpus: int | None, dashboard_host: str | None
+) -> dict[str, Any]:
+    """Keyword arguments of ray.init, after checking the dashboard request."""
+    options: dict[str, Any] = {
+        "address": address or "local",
+        "num_cpus": None if address else num_cpus,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+    }
+    if dashboard_host is None:
+        return options
+    if address:
+        raise ConfigError(
+            "--dashboard starts the dashboard of a Ray instance on this machine; with "
+            "--address the cluster's own dashboard applies (ray start --dashboard-host)"
+        )
+    missing = dashboard_dependency_error()
+    if missing:
+        raise ConfigError(
+            f"--dashboard needs Ray's dashboard packages ({missing}); install them with: "
+            "pip install 'ray[default]'"
+        )
+    options.update(include_dashboard=True, dashboard_host=dashboard_host)
+    return options
+
+
+def dashboard_dependency_error() -> str | None:
+    """Why Ray cannot start its dashboard here, or None when it can."""
+    # NOTE: this is the private check that Ray 2.60 runs before starting the dashboard.
+    # A Ray release without it skips the check here, and ray.init reports the problem.
+    check = getattr(ray._private.utils, "get_dashboard_dependency_error", None)
+    return None if check is None else check()
+
+
+def make_trainable(
+    base: dict[str, Any],
+    classifier_state: dict | None,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    metric: str,
+):
+    """Build the trainable of a sweep; ``resume`` calls this with experiment.json's values."""
+    return tune.with_resources(
+        tune.with_parameters(
+            train_glo, base=base, classifier_state=classifier_state, metric=metric
+        ),
+        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
 
 
@@ -190,9 +282,16 @@ def sweep(
     grace_period: int | None = None,
     reduction_factor: float = 3,
     address: str | None = None,
+    max_failures: int = DEFAULT_MAX_FAILURES,
+    points: str | Path | list[dict] | None = None,
+    callbacks: list[tune.Callback] | None = None,
+    dashboard_host: str | None = None,
     verbose: int = 1,
 ) -> tune.ResultGrid:
     """Run a hyperparameter sweep of the GLO trainer and return Ray Tune's ResultGrid.
+
+    Every input is checked before Ray starts, and the experiment folder is created only
+    after that, so a sweep that fails to start leaves no folder behind.
 
     Args:
         space: a search space name from ``search_spaces``, a path to a .py file defining
@@ -207,14 +306,23 @@ def sweep(
             sweep sets them). Default: ASHA with ``grace_period`` and
             ``reduction_factor``, one unit of time per epoch.
         search_alg: any Ray Tune searcher. Default: OptunaSearch with ``sampler``
-            ("tpe" or "random", seeded by ``seed``) and the study in
-            ``<experiment>/optuna.db``. A custom searcher needs a space given as a dict
-            of Ray Tune domains, or a space of its own.
-        storage: folder (or pyarrow URI) under which the experiment folder ``name``
-            is created.
+            ("tpe" or "random", seeded by ``seed``), the study in
+            ``<experiment>/optuna.db``, and trials the scheduler stopped early recorded
+            as PRUNED. A custom searcher needs a space given as a dict of Ray Tune
+            domains, or a space of its own.
+        storage: local folder, or a URI that pyarrow.fs understands (``file://``,
+            ``s3://``, ``gs://``), under which the experiment folder ``name`` is
+            created. On a cluster it must be reachable from every node.
         max_concurrent: trials running at once; default: as many as resources allow.
         cpus_per_trial, gpus_per_trial: resources of each trial (fractions allowed).
         address: a Ray cluster address; default: start Ray in this process.
+        max_failures: times a crashed trial is restarted from its latest checkpoint
+            before it is recorded as an error.
+        points: configurations evaluated first (warm start): a list of dicts, or a
+            JSON or YAML file with one; keys must be keys the space varies.
+        callbacks: extra Ray Tune callbacks, after the sweep's own result writers.
+        dashboard_host: start Ray's dashboard bound to this address (local Ray only);
+            default: no dashboard.
     """
     mode = _check_metric(metric)
     fixed = base_config.to_dict() if isinstance(base_config, TrainConfig) else base_config
@@ -223,40 +331,117 @@ def sweep(
     if resolved is not None and isinstance(base_config, dict):
         _check_overlap(resolved, fixed)
     _check_resources(cpus_per_trial, gpus_per_trial, num_samples, max_concurrent)
+    _check_max_failures(max_failures)
+    warm_start = _warm_start_points(points, resolved, search_alg, base, num_samples)
     name = name or f"{resolved.name if resolved else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment_dir = _experiment_dir(storage, name)
-
+    location = _experiment_location(storage, name)
+    _check_data(base)
     classifier_state = classifier.load_state()
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    if search_alg is None:
-        search_alg = make_searcher(resolved, metric, mode, experiment_dir, name, sampler, seed)
-    scheduler = scheduler or make_scheduler("asha", max_epochs, grace_period, reduction_factor)
-    _write_experiment_file(
-        experiment_dir,
-        {
-            "name": name,
-            "metric": metric,
-            "mode": mode,
-            "space": resolved.name if resolved else None,
-            "num_samples": num_samples,
-            "max_epochs": max_epochs,
-            "seed": seed,
-            "sampler": sampler,
-            "scheduler": type(scheduler).__name__,
-            "base_config": base.to_dict(),
-            "classifier": asdict(classifier.load_info()),
-            "cpus_per_trial": cpus_per_trial,
-            "gpus_per_trial": gpus_per_trial,
-            **scheduler_settings(scheduler),
-        },
-    )
 
-    ensure_ray(address)
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            train_glo, base=base.to_dict(), classifier_state=classifier_state, metric=metric
-        ),
-        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+    location.create()
+    try:
+        ensure_ray(address, dashboard_host=dashboard_host)
+        tuner, search_alg = _build_tuner(
+            location=location,
+            resolved=resolved,
+            metric=metric,
+            mode=mode,
+            base=base,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            settings={
+                "name": name,
+                "storage": str(storage),
+                "metric": metric,
+                "mode": mode,
+                "space": resolved.name if resolved else None,
+                "space_kind": resolved.kind if resolved else None,
+                "space_source": space if isinstance(space, str) else None,
+                "num_samples": num_samples,
+                "max_epochs": max_epochs,
+                "seed": seed,
+                "sampler": sampler,
+                "grace_period": grace_period,
+                "reduction_factor": reduction_factor,
+                "max_failures": max_failures,
+                "points": warm_start,
+                "cpus_per_trial": cpus_per_trial,
+                "gpus_per_trial": gpus_per_trial,
+            },
+            classifier_state=classifier_state,
+            max_concurrent=max_concurrent,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    except BaseException:
+        location.remove()  # nothing ran yet: leave no folder that resume would trip on
+        raise
+    try:
+        return tuner.fit()
+    finally:
+        _copy_study(search_alg, location)
+
+
+def _check_data(base: TrainConfig) -> None:
+    """Load the training digits once in the driver, so a data error stops the sweep here
+    instead of failing every trial."""
+    from glo_search.data import load_dataset
+
+    load_dataset(base)
+
+
+def _build_tuner(
+    *,
+    location: ExperimentLocation,
+    resolved: ResolvedSpace | None,
+    metric: str,
+    mode: str,
+    base: TrainConfig,
+    search_alg,
+    scheduler,
+    settings: dict[str, Any],
+    classifier_state,
+    max_concurrent: int | None,
+    callbacks: list | None,
+    verbose: int,
+) -> tuple[tune.Tuner, Any]:
+    if search_alg is None:
+        study_url, mirror = study_place(location)
+        searcher = make_searcher(
+            resolved,
+            metric,
+            mode,
+            study_url,
+            settings["name"],
+            settings["max_epochs"],
+            settings["sampler"],
+            settings["seed"],
+            settings["points"],
+            mirror,
+        )
+        if max_concurrent:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        # Wrapped here, not by Tune, so that resume can relocate the restored generator.
+        search_alg = RelocatableSearchGenerator(searcher)
+        max_concurrent = None
+    scheduler = scheduler or make_scheduler(
+        "asha", settings["max_epochs"], settings["grace_period"], settings["reduction_factor"]
+    )
+    settings = {
+        **settings,
+        "scheduler": type(scheduler).__name__,
+        "base_config": base.to_dict(),
+        "classifier": asdict(classifier.load_info()),
+        **scheduler_settings(scheduler),
+    }
+    location.write_bytes(EXPERIMENT_FILE, (json.dumps(settings, indent=2) + "\n").encode())
+
+    trainable = make_trainable(
+        base.to_dict(),
+        classifier_state,
+        settings["cpus_per_trial"],
+        settings["gpus_per_trial"],
+        metric,
     )
     tuner = tune.Tuner(
         trainable,
@@ -264,14 +449,49 @@ def sweep(
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
             scheduler=scheduler,
-            num_samples=num_samples,
+            num_samples=settings["num_samples"],
             max_concurrent_trials=max_concurrent,
             trial_dirname_creator=trial_dirname,
             **_tune_metric(scheduler, metric, mode),
         ),
-        run_config=_run_config(experiment_dir, base.to_dict(), metric, mode, max_epochs, verbose),
+        run_config=_run_config(
+            location,
+            base.to_dict(),
+            metric,
+            mode,
+            settings["max_epochs"],
+            settings["max_failures"],
+            callbacks or [],
+            verbose,
+        ),
     )
-    return tuner.fit()
+    return tuner, search_alg
+
+
+def _copy_study(search_alg, location: ExperimentLocation) -> None:
+    # NOTE: for an experiment folder on an object store, this final copy makes optuna.db
+    # in the folder match the local SQLite study. A killed driver skips it, and the copy
+    # made after the last recorded change is what a resume then downloads.
+    searcher = base_searcher(search_alg)
+    if isinstance(searcher, GloOptunaSearch):
+        searcher.sync_mirror()
+    if not location.is_local:
+        logger.info("Optuna study copied to %s/%s", location.uri, STUDY_FILE)
+
+
+def _warm_start_points(points, resolved, search_alg, base, num_samples) -> list[dict] | None:
+    if points is None:
+        return None
+    if search_alg is not None or resolved is None:
+        raise ConfigError(
+            "warm-start points need the default Optuna searcher; pass "
+            "points_to_evaluate to your own search_alg instead"
+        )
+    source = "points"
+    if isinstance(points, (str, Path)):
+        source = str(points)
+        points = read_points(points)
+    return check_points(points, resolved, base, num_samples, source)
 
 
 def trial_dirname(trial) -> str:
@@ -327,11 +547,13 @@ def _tune_metric(scheduler: TrialScheduler, metric: str, mode: str) -> dict[str,
 
 
 def _run_config(
-    experiment_dir: Path,
+    location: ExperimentLocation,
     base: dict,
     metric: str,
     mode: str,
     max_epochs: int,
+    max_failures: int,
+    callbacks: list,
     verbose: int,
 ) -> tune.RunConfig:
     # Ray's automatic TensorBoard logger would duplicate the trainable's own event files.
@@ -342,8 +564,9 @@ def _run_config(
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     return tune.RunConfig(
-        name=experiment_dir.name,
-        storage_path=str(experiment_dir.parent),
+        name=location.name,
+        storage_path=location.storage_path,
+        storage_filesystem=None if location.is_local else location.filesystem,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1,
             checkpoint_score_attribute=metric,
@@ -352,10 +575,20 @@ def _run_config(
         callbacks=[
             JsonLoggerCallback(),
             CSVLoggerCallback(),
-            ResultsWriter(experiment_dir, base, metric, mode, max_epochs),
+            ResultsWriter(location, base, metric, mode, max_epochs),
+            *callbacks,
         ],
+        failure_config=tune.FailureConfig(max_failures=max_failures),
         verbose=verbose,
     )
+
+
+def _check_max_failures(max_failures: int) -> None:
+    if max_failures < 0:
+        raise ConfigError(
+            f"invalid max_failures={max_failures} (--max-failures): must be >= 0 "
+            "(0: a crashed trial is not retried)"
+        )
 
 
 def scheduler_settings(scheduler: TrialScheduler) -> dict[str, Any]:
@@ -378,7 +611,3 @@ def scheduler_settings(scheduler: TrialScheduler) -> dict[str, Any]:
         "reduction_factor": scheduler._reduction_factor,
         "rungs": rungs,
     }
-
-
-def _write_experiment_file(experiment_dir: Path, values: dict[str, Any]) -> None:
-    atomic_write_text(experiment_dir / EXPERIMENT_FILE, json.dumps(values, indent=2) + "\n")

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -75,6 +76,8 @@ def _restore(trainer: Trainer) -> None:
 
 
 def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
+    # The node that ran each epoch; a trial retried after a crash may move to another node.
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
     while trainer.epoch < trainer.config.epochs:
         train_loss = trainer.train_epoch()
         if not math.isfinite(train_loss):
@@ -83,7 +86,7 @@ def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
                 train_loss,
                 trainer.epoch,
             )
-            tune.report(worst_result(trainer.epoch, train_loss))
+            tune.report({**worst_result(trainer.epoch, train_loss), **node})
             return
         metrics = trainer.evaluate()
         bad = diverged_metric(metrics)
@@ -91,13 +94,14 @@ def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
             logger.warning(
                 "%s is %s at epoch %d: trial diverged", bad, metrics[bad], trainer.epoch
             )
-            tune.report(worst_result(trainer.epoch, train_loss))
+            tune.report({**worst_result(trainer.epoch, train_loss), **node})
             return
         result = {
             **metrics,
             "epoch": trainer.epoch,
             "train_loss": train_loss,
             "diverged": 0,
+            **node,
         }
         log.write_epoch(trainer.epoch, result, trainer)
         with tempfile.TemporaryDirectory() as folder:

@@ -48,7 +48,12 @@ def load(name_or_path: str) -> NamedSpace:
             raise ValueError(f"search space file not found: {path}")
         spec = importlib.util.spec_from_file_location(f"glo_space_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # a user's file may raise anything, SyntaxError included
+            raise ValueError(
+                f"search space file {path} failed to load: {type(error).__name__}: {error}"
+            ) from error
         return _from_module(path.stem, module)
     if name_or_path not in names():
         raise ValueError(

@@ -1,0 +1,166 @@
+"""Continue an interrupted sweep from its experiment folder with Ray Tune's Tuner.restore.
+
+Trials that finished (completed, stopped early, diverged or errored) are kept as they are.
+Trials that were running or waiting continue from their latest checkpoint, and the
+searcher continues from its saved state, so the Optuna study keeps its history and the
+sweep ends with the number of trials it was started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+from ray import tune
+
+from glo_search import classifier
+from glo_search.config import ConfigError, from_dict
+from glo_search.results import ResultsWriter
+from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
+from glo_search.spaces import resolve
+from glo_search.storage import ExperimentLocation, open_experiment
+
+logger = logging.getLogger(__name__)
+
+TUNER_FILE = "tuner.pkl"
+
+
+def read_settings(location: ExperimentLocation) -> dict[str, Any]:
+    """Read the settings a sweep was started with (experiment.json)."""
+    from glo_search.search import EXPERIMENT_FILE
+
+    if not location.exists():
+        raise ConfigError(f"experiment folder not found: {location.uri}")
+    if not location.has_file(EXPERIMENT_FILE):
+        raise ConfigError(
+            f"{location.uri} is not a glo-search experiment folder: it has no "
+            f"{EXPERIMENT_FILE}; give the folder that `glo-search sweep` printed"
+        )
+    return json.loads(location.read_bytes(EXPERIMENT_FILE))
+
+
+def _check_tune_state(location: ExperimentLocation) -> None:
+    listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
+    has_state = any(Path(info.path).name.startswith("experiment_state-") for info in listing)
+    if not location.has_file(TUNER_FILE) or not has_state:
+        raise ConfigError(
+            f"{location.uri} has no saved Ray Tune state ({TUNER_FILE} and "
+            "experiment_state-*.json): the sweep stopped before its first trial started, "
+            "so there is nothing to resume; delete the folder and start the sweep again"
+        )
+
+
+def resume(
+    experiment: str | Path,
+    *,
+    space: Any = None,
+    address: str | None = None,
+    dashboard_host: str | None = None,
+) -> tune.ResultGrid:
+    """Continue the sweep in an experiment folder (a local path or a URI).
+
+    The trainable is rebuilt from experiment.json; the scheduler, the searcher and the
+    callbacks come from Tune's saved state. Trials that raised after all their retries
+    stay errors.
+
+    Restoring unpickles Tune's saved state, which runs code stored in the folder: resume
+    only folders that you or your sweeps wrote.
+
+    NOTE: Ray Tune (2.60) does not save the scheduler's state, so ASHA starts the resumed
+    part with empty rungs. Trials are then compared only with trials that reach a rung
+    after the resume, and a rung stops nothing until enough of them arrive.
+
+    Args:
+        experiment: the experiment folder, as `glo-search sweep` printed it.
+        space: the search space, needed only when the sweep searched a dict of Ray Tune
+            domains that was not given by name or file (Tune does not save that dict).
+        address: a Ray cluster address; default: start Ray in this process.
+        dashboard_host: start Ray's dashboard bound to this address (local Ray only).
+    """
+    from glo_search.search import ensure_ray, make_trainable
+
+    location = open_experiment(experiment)
+    settings = read_settings(location)
+    _check_tune_state(location)
+    base = from_dict(settings["base_config"])
+    param_space = _param_space(settings, space, base)
+    classifier_state = classifier.load_state()
+    _check_classifier(settings)
+    ensure_ray(address, dashboard_host=dashboard_host)
+
+    trainable = make_trainable(
+        base.to_dict(),
+        classifier_state,
+        settings["cpus_per_trial"],
+        settings["gpus_per_trial"],
+        settings["metric"],
+    )
+    tuner = tune.Tuner.restore(
+        location.path,
+        trainable=trainable,
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+        param_space=param_space,
+        storage_filesystem=None if location.is_local else location.filesystem,
+    )
+    searcher = _relocate(tuner, location)
+    logger.info("resuming the sweep in %s", location.uri)
+    try:
+        return tuner.fit()
+    finally:
+        if searcher is not None:
+            searcher.sync_mirror()
+
+
+def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:
+    """Tune's param_space for sweeps over Ray Tune domains, which Tune does not save."""
+    if settings.get("space_kind") != "ray":
+        return None
+    source = space if space is not None else settings.get("space_source")
+    if source is None:
+        raise ConfigError(
+            f"the sweep searched a dict of Ray Tune domains ({settings.get('space')!r}) "
+            "that was not given by name or file; pass the same dict as space= to resume()"
+        )
+    return resolve(source, base).space
+
+
+def _check_classifier(settings: dict[str, Any]) -> None:
+    current = json.loads(json.dumps(asdict(classifier.load_info())))  # tuples as lists
+    if settings.get("classifier") not in (None, current):
+        logger.warning(
+            "the reference classifier differs from the one the sweep started with "
+            "(%s now, %s then): class_fidelity of resumed trials is not comparable",
+            current.get("held_out_accuracy"),
+            settings["classifier"].get("held_out_accuracy"),
+        )
+
+
+def _relocate(tuner: tune.Tuner, location: ExperimentLocation) -> GloOptunaSearch | None:
+    """Point the restored searcher and result writer at the folder as it is now.
+
+    Tune unpickles both from the state saved when the sweep started, which holds the
+    folder's path of that time. Without this, a moved folder would be written to at its
+    old place.
+    """
+    from glo_search.search import study_place
+
+    # NOTE: Tuner has no public accessor for the restored configs (Ray 2.60); this
+    # reads TunerInternal's attributes and fails loudly if a Ray release renames them.
+    internal = tuner._local_tuner
+    search_alg = internal._tune_config.search_alg
+    if isinstance(search_alg, RelocatableSearchGenerator):
+        search_alg.relocate(location)
+    searcher = base_searcher(search_alg)
+    for callback in internal.get_run_config().callbacks or []:
+        if isinstance(callback, ResultsWriter):
+            callback.relocate(location)
+    if not isinstance(searcher, GloOptunaSearch):
+        return None
+    searcher.relocate(*study_place(location))
+    return searcher

@@ -1,0 +1,273 @@
+"""Ray Tune's OptunaSearch with a truthful record of what the scheduler did.
+
+Ray's OptunaSearch (Ray 2.60) records every trial that the scheduler stopped early as
+COMPLETE with the value of its last epoch, so TPE treats partial values as final. This
+subclass records such trials as PRUNED with their intermediate values, which is how
+Optuna's own pruners leave them, and TPE then weighs them by the epoch they reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from glo_search.metrics import METRICS
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILE = "optuna.db"
+TUNE_TRIAL_ATTR = "tune_trial_id"
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+class GloOptunaSearch(OptunaSearch):
+    """OptunaSearch that records trials the scheduler stopped early as PRUNED.
+
+    The searcher does not see the scheduler's decisions, so it reads them from the last
+    result of a trial: a trial whose last ``epoch`` is below ``max_epochs`` and that did
+    not diverge was stopped early. A diverged trial (``diverged`` = 1) is COMPLETE with
+    the worst value of the metric, so TPE learns that its region fails; a trial that
+    raised is FAIL. Intermediate values are keyed by epoch, so a trial that a crash or a
+    resume sends back to an earlier checkpoint does not shift them, and a NaN is never
+    passed to Optuna.
+
+    Every Optuna trial carries the user attribute ``tune_trial_id``, the id of its Ray
+    Tune trial, so the study can be joined with ``trials.parquet``.
+
+    The searcher pickles without its storage connection (Tune pickles it into tuner.pkl
+    and into its saved state) and opens the study again on first use, at ``study_url`` or
+    at the place :meth:`relocate` names, so a moved experiment folder still resumes.
+
+    Args:
+        max_epochs: epochs of a trial that runs to the end (the scheduler's ``max_t``).
+        study_url: SQLAlchemy URL of the study's storage.
+        mirror: optional ``(location, relative_path)``: after each change the SQLite file
+            is copied there, for experiment folders on object stores, where SQLite cannot
+            live.
+        **kwargs: passed to OptunaSearch (space, metric, mode, sampler, study_name,
+            points_to_evaluate).
+    """
+
+    def __init__(self, *, max_epochs: int, study_url: str, mirror=None, **kwargs: Any) -> None:
+        self._max_epochs = max_epochs
+        self._study_url = study_url
+        self._mirror = mirror
+        self._relocated_to: tuple[str, Any] | None = None
+        self._saved_trial_ids: dict[str, int] = {}
+        super().__init__(**kwargs)
+
+    # Pickling and restoring.
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._ot_study is not None:
+            state["_sampler"] = self._ot_study.sampler  # keeps TPE's random state
+        state["_saved_trial_ids"] = {
+            trial_id: ot_trial._trial_id for trial_id, ot_trial in self._ot_trials.items()
+        }
+        state.update(_ot_study=None, _storage=None, _ot_trials={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)  # the study opens on first use: see _ensure_study
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as output:
+            pickle.dump(self.__getstate__(), output)
+
+    def restore(self, checkpoint_path: str) -> None:
+        relocated_to = self._relocated_to
+        with open(checkpoint_path, "rb") as source:
+            self.__setstate__(pickle.load(source))
+        if relocated_to is not None:
+            self._relocated_to = relocated_to
+            self._study_url, self._mirror = relocated_to
+        self._open_study()
+        self._fail_orphans()
+
+    def relocate(self, study_url: str, mirror=None) -> None:
+        """Use the study at study_url, for a sweep whose folder moved since it started."""
+        self._relocated_to = (study_url, mirror)
+        self._study_url, self._mirror = study_url, mirror
+        if self._ot_study is not None:
+            self._open_study()
+
+    def _open_study(self) -> None:
+        trial_ids = self._saved_trial_ids or {
+            trial_id: ot_trial._trial_id for trial_id, ot_trial in self._ot_trials.items()
+        }
+        self._storage = optuna.storages.RDBStorage(self._study_url)
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name,
+            storage=self._storage,
+            sampler=self._sampler,
+            pruner=optuna.pruners.NopPruner(),
+        )
+        self._ot_trials = {
+            trial_id: optuna.trial.Trial(self._ot_study, ot_trial_id)
+            for trial_id, ot_trial_id in trial_ids.items()
+        }
+        self._saved_trial_ids = {}
+
+    def _ensure_study(self) -> None:
+        if self._ot_study is None and self._space:
+            self._open_study()
+
+    def _setup_study(self, mode) -> None:
+        self._storage = optuna.storages.RDBStorage(self._study_url)
+        # Ray calls this again when a sweep resumes. The warm-start points are already in
+        # the study from the first call, so enqueueing them again would run them twice.
+        points = self._points_to_evaluate
+        if points and self._study_has_trials():
+            self._points_to_evaluate = []
+            try:
+                super()._setup_study(mode)
+            finally:
+                self._points_to_evaluate = points
+            return
+        super()._setup_study(mode)
+
+    def _study_has_trials(self) -> bool:
+        try:
+            study_id = self._storage.get_study_id_from_name(self._study_name)
+        except KeyError:
+            return False
+        return bool(self._storage.get_all_trials(study_id, deepcopy=False))
+
+    def _fail_orphans(self) -> None:
+        """Mark FAIL the study's RUNNING trials that no Tune trial owns.
+
+        Optuna creates a trial when the searcher requests a configuration. When the driver
+        dies before Tune's next save of its state, the restored searcher has no record of
+        that trial, so it would stay RUNNING forever.
+        """
+        owned = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id in owned:
+                continue
+            logger.warning(
+                "Optuna trial %d was created but never started before the sweep stopped; "
+                "marking it FAIL",
+                frozen.number,
+            )
+            self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+        self.sync_mirror()
+
+    # What Tune calls during a sweep.
+
+    def suggest(self, trial_id: str) -> dict | None:
+        self._ensure_study()
+        is_new = trial_id not in self._ot_trials
+        params = super().suggest(trial_id)
+        if is_new and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            self.sync_mirror()
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._ensure_study()
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        self._report(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        self._ensure_study()
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        state, value = self._final_state(result, error)
+        if result and state != TrialState.FAIL:
+            # Tune passes the result that made the scheduler stop a trial only here.
+            self._report(trial_id, result)
+        if result and state == TrialState.PRUNED:
+            ot_trial.set_user_attr("stopped_at_epoch", int(result["epoch"]))
+        if result and result.get("diverged"):
+            ot_trial.set_user_attr("diverged", True)
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except (ValueError, RuntimeError) as exc:  # e.g. finished in the study before a resume
+            logger.warning("cannot record trial %s in the Optuna study: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+        self.sync_mirror()
+
+    def _final_state(self, result: dict | None, error: bool) -> tuple[TrialState, Any]:
+        if error:
+            return TrialState.FAIL, None
+        if not result or self.metric not in result:
+            return TrialState.PRUNED, None  # removed before it reported anything
+        value = float(result[self.metric])
+        if not math.isfinite(value):
+            # The trainable reports worst values instead of NaN; this guards other code.
+            return TrialState.FAIL, None
+        if result.get("diverged"):
+            return TrialState.COMPLETE, METRICS[self.metric].worst
+        if int(result.get("epoch", self._max_epochs)) < self._max_epochs:
+            return TrialState.PRUNED, None
+        return TrialState.COMPLETE, value
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return  # Optuna would store NaN, and TPE would rank it as a real value
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        ot_trial = self._ot_trials[trial_id]
+        if step in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+            return  # an epoch repeated after a retry from an earlier checkpoint
+        ot_trial.report(float(value), step)
+
+    def sync_mirror(self) -> None:
+        """Copy the local SQLite study to the experiment folder, when it lives elsewhere."""
+        if self._mirror is None:
+            return
+        location, relative = self._mirror
+        location.upload(Path(self._study_url.removeprefix("sqlite:///")), relative)
+
+
+def base_searcher(search_alg: Any) -> Any:
+    """Return the searcher inside Tune's wrappers (SearchGenerator, ConcurrencyLimiter)."""
+    while hasattr(search_alg, "searcher"):
+        search_alg = search_alg.searcher
+    return search_alg
+
+
+class RelocatableSearchGenerator(SearchGenerator):
+    """SearchGenerator that creates the trials of a resumed sweep in the folder as it is now.
+
+    Ray Tune's SearchGenerator (Ray 2.60) restores the experiment spec it saved, storage
+    path included, so trials created after resuming a moved folder would be set up at the
+    folder's old place, and fail there. :meth:`relocate` names the current place.
+    """
+
+    def __init__(self, searcher) -> None:
+        super().__init__(searcher)
+        self._location = None
+
+    def relocate(self, location) -> None:
+        self._location = location
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if self._location is None or self._experiment is None:
+            return
+        # The same fields that Tune's controller updates on the trials it restores; the
+        # copy keeps the saved staging folder, which the restored run reuses.
+        storage = copy.copy(self._experiment.storage)
+        storage.storage_filesystem = self._location.filesystem
+        storage.storage_fs_path = self._location.storage_path
+        storage.experiment_dir_name = self._location.name
+        self._experiment.storage = storage
+        self._experiment.spec["storage"] = storage

@@ -1,0 +1,150 @@
+"""Where an experiment folder lives: a local folder or a URI that pyarrow.fs understands.
+
+``--storage`` takes a local path (relative paths are resolved against the working
+directory) or a URI such as ``file:///shared/runs`` or ``s3://bucket/runs``. Ray Tune
+gets the same filesystem, so trial checkpoints, Tune's experiment state and the result
+files all go to one place. The files glo-search writes itself (experiment.json, the
+Parquet files, the study's copy) are written whole: locally through a temporary file and
+a rename, on object stores by a single upload, which replaces an object in one step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from glo_search.config import ConfigError
+from glo_search.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExperimentLocation:
+    """An experiment folder on a pyarrow filesystem.
+
+    ``path`` is the folder's path on ``filesystem``, without the URI scheme; ``uri`` is
+    what the user gave (or the absolute local path) and what messages show.
+    """
+
+    filesystem: pafs.FileSystem
+    path: str
+    uri: str
+
+    @classmethod
+    def of_result_grid(cls, grid) -> ExperimentLocation:
+        """The experiment folder of a Ray Tune ResultGrid."""
+        filesystem, path = grid.filesystem, grid.experiment_path.rstrip("/")
+        local = isinstance(filesystem, pafs.LocalFileSystem)
+        return cls(filesystem, path, path if local else f"{filesystem.type_name}://{path}")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    @property
+    def local_dir(self) -> Path:
+        """The folder as a local Path; only for local storage."""
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not on the local filesystem")
+        return Path(self.path)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def storage_path(self) -> str:
+        """The parent folder on the filesystem: Ray Tune's ``storage_path``."""
+        return posixpath.dirname(self.path.rstrip("/"))
+
+    def child(self, relative: str) -> str:
+        return posixpath.join(self.path, relative)
+
+    def exists(self) -> bool:
+        return self.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_empty(self) -> bool:
+        selector = pafs.FileSelector(self.path, allow_not_found=True)
+        return not self.filesystem.get_file_info(selector)
+
+    def has_file(self, relative: str) -> bool:
+        return self.filesystem.get_file_info(self.child(relative)).type == pafs.FileType.File
+
+    def create(self) -> None:
+        """Create the folder, raising ConfigError when the storage cannot be written."""
+        try:
+            self.filesystem.create_dir(self.path, recursive=True)
+            probe = self.child(".write-test")
+            with self.filesystem.open_output_stream(probe) as stream:
+                stream.write(b"")
+            self.filesystem.delete_file(probe)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot write the experiment folder {self.uri}: {error}; "
+                "choose a writable --storage"
+            ) from None
+
+    def remove(self) -> None:
+        self.filesystem.delete_dir(self.path)
+
+    def write_bytes(self, relative: str, content: bytes) -> None:
+        if self.is_local:
+            atomic_write_bytes(self.child(relative), content)
+            return
+        with self.filesystem.open_output_stream(self.child(relative)) as stream:
+            stream.write(content)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.filesystem.open_input_stream(self.child(relative)) as stream:
+            return stream.readall()
+
+    def open_input_file(self, relative: str):
+        """A seekable file, as pyarrow.parquet needs."""
+        if self.is_local:
+            return self.filesystem.open_input_file(self.child(relative))
+        return io.BytesIO(self.read_bytes(relative))
+
+    def upload(self, local_file: Path, relative: str) -> None:
+        self.write_bytes(relative, Path(local_file).read_bytes())
+
+    def download(self, relative: str, local_file: Path) -> None:
+        Path(local_file).write_bytes(self.read_bytes(relative))
+
+
+def is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _filesystem_and_path(value: str) -> tuple[pafs.FileSystem, str, str]:
+    if not is_uri(value):
+        path = Path(value).expanduser().resolve()
+        return pafs.LocalFileSystem(), str(path), str(path)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(value)
+    except (ValueError, OSError) as error:  # pyarrow.ArrowInvalid is a ValueError
+        raise ConfigError(
+            f"invalid storage URI {value!r}: {error}; give a local folder or a URI that "
+            "pyarrow.fs understands, such as file:///abs/path or s3://bucket/path"
+        ) from None
+    uri = value.rstrip("/")
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        uri = path  # file:// URIs print as plain paths
+    return filesystem, path.rstrip("/"), uri
+
+
+def locate(storage: str | Path, name: str) -> ExperimentLocation:
+    """The experiment folder ``name`` under ``storage`` (a local path or a URI)."""
+    filesystem, path, uri = _filesystem_and_path(str(storage))
+    return ExperimentLocation(filesystem, posixpath.join(path, name), f"{uri}/{name}")
+
+
+def open_experiment(experiment: str | Path) -> ExperimentLocation:
+    """An existing experiment folder given as a local path or a URI."""
+    filesystem, path, uri = _filesystem_and_path(str(experiment))
+    return ExperimentLocation(filesystem, path, uri)

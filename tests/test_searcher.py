@@ -1,0 +1,184 @@
+"""GloOptunaSearch fed with made-up results, the way Tune calls it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from glo_search.search import study_place
+from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch, sqlite_url
+from glo_search.storage import locate
+
+METRIC = "disentanglement"
+MAX_EPOCHS = 4
+SPACE = {
+    "class_dim": CategoricalDistribution([5, 10]),
+    "noise_std": FloatDistribution(0.01, 1.0, log=True),
+}
+
+
+def make_searcher(study_dir, points=None) -> GloOptunaSearch:
+    return GloOptunaSearch(
+        space=SPACE,
+        metric=METRIC,
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        study_url=sqlite_url(study_dir / "optuna.db"),
+        study_name="study",
+        max_epochs=MAX_EPOCHS,
+        points_to_evaluate=points,
+    )
+
+
+def result(epoch: int, value: float, diverged: int = 0) -> dict:
+    return {METRIC: value, "epoch": epoch, "training_iteration": epoch, "diverged": diverged}
+
+
+def run_trial(searcher, trial_id, values, diverged_at=None, error=False):
+    """Report one value per epoch; the last one arrives only with the completion."""
+    searcher.suggest(trial_id)
+    for epoch, value in enumerate(values[:-1], start=1):
+        searcher.on_trial_result(trial_id, result(epoch, value))
+    last = result(len(values), values[-1], diverged=int(diverged_at is not None))
+    searcher.on_trial_complete(trial_id, None if error else last, error=error)
+
+
+def study_trial(study_dir, tune_id) -> optuna.trial.FrozenTrial:
+    study = optuna.load_study(study_name="study", storage=sqlite_url(study_dir / "optuna.db"))
+    return next(t for t in study.trials if t.user_attrs[TUNE_TRIAL_ATTR] == tune_id)
+
+
+def test_searcher_stopped_early_is_pruned(tmp_path):
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, 0.2])
+    trial = study_trial(tmp_path, "a")
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {1: 0.1, 2: 0.2}
+    assert trial.user_attrs["stopped_at_epoch"] == 2
+
+
+def test_searcher_full_run_is_complete(tmp_path):
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.25])
+    trial = study_trial(tmp_path, "a")
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == 0.25
+    assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.25}
+
+
+def test_searcher_diverged_is_complete_with_worst(tmp_path):
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, 0.0], diverged_at=2)
+    trial = study_trial(tmp_path, "a")
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == 0.0
+    assert trial.user_attrs["diverged"] is True
+
+
+def test_searcher_error_is_fail(tmp_path):
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, 0.2], error=True)
+    assert study_trial(tmp_path, "a").state == TrialState.FAIL
+
+
+def test_searcher_never_stores_nan(tmp_path):
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, math.nan, 0.2, math.nan])
+    trial = study_trial(tmp_path, "a")
+    assert trial.state == TrialState.FAIL
+    assert trial.intermediate_values == {1: 0.1, 3: 0.2}
+
+
+def test_searcher_repeated_epoch_keeps_first_value(tmp_path):
+    # A trial retried from an earlier checkpoint reports epoch 2 again.
+    searcher = make_searcher(tmp_path)
+    searcher.suggest("a")
+    for epoch, value in [(1, 0.1), (2, 0.2), (2, 0.5), (3, 0.3)]:
+        searcher.on_trial_result("a", result(epoch, value))
+    searcher.on_trial_complete("a", result(4, 0.4))
+    assert study_trial(tmp_path, "a").intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
+
+
+def test_searcher_points_come_first(tmp_path):
+    point = {"class_dim": 10, "noise_std": 0.5}
+    searcher = make_searcher(tmp_path, points=[point])
+    assert searcher.suggest("a") == point
+
+
+def test_searcher_points_not_enqueued_twice(tmp_path):
+    point = {"class_dim": 10, "noise_std": 0.5}
+    make_searcher(tmp_path, points=[point])
+    # A resumed sweep builds the study again from the same searcher settings.
+    make_searcher(tmp_path, points=[point])
+    study = optuna.load_study(study_name="study", storage=sqlite_url(tmp_path / "optuna.db"))
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+
+
+def test_searcher_restore_in_moved_folder(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    searcher = make_searcher(old)
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    searcher.suggest("b")
+    searcher.on_trial_result("b", result(1, 0.15))
+    searcher.save(str(old / "searcher.pkl"))
+    shutil.move(old, new)
+
+    restored = make_searcher(new)  # as Tune unpickles it, then restores its state
+    restored.relocate(sqlite_url(new / "optuna.db"))
+    restored.restore(str(new / "searcher.pkl"))
+    restored.on_trial_result("b", result(2, 0.25))
+    restored.on_trial_complete("b", result(3, 0.3))
+
+    assert not old.exists()
+    trial = study_trial(new, "b")
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {1: 0.15, 2: 0.25, 3: 0.3}
+    assert study_trial(new, "a").state == TrialState.COMPLETE
+
+
+def test_searcher_restore_fails_orphan_trials(tmp_path):
+    searcher = make_searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.suggest("b")  # asked after the last save, then the driver died
+
+    restored = make_searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert study_trial(tmp_path, "b").state == TrialState.FAIL
+    assert study_trial(tmp_path, "a").state == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("completion", ["twice", "unknown"])
+def test_searcher_ignores_extra_completion(tmp_path, completion):
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    trial_id = "a" if completion == "twice" else "never-suggested"
+    searcher.on_trial_complete(trial_id, result(1, 0.9))
+    assert study_trial(tmp_path, "a").value == 0.4
+
+
+def test_searcher_mirrors_study_to_object_store(tmp_path):
+    # pyarrow's in-memory filesystem is the object store: SQLite cannot open files there.
+    location = locate("mock:///bucket/runs", "exp")
+    location.create()
+    searcher = make_searcher(tmp_path)
+    searcher.relocate(sqlite_url(tmp_path / "optuna.db"), (location, "optuna.db"))
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    assert location.read_bytes("optuna.db") == (tmp_path / "optuna.db").read_bytes()
+
+
+def test_study_place_downloads_mirrored_study(tmp_path):
+    location = locate("mock:///bucket/runs", "exp")
+    location.create()
+    location.write_bytes("optuna.db", b"SQLite format 3\0")
+    study_url, mirror = study_place(location)
+    assert Path(study_url.removeprefix("sqlite:///")).read_bytes() == b"SQLite format 3\0"
+    assert mirror == (location, "optuna.db")
+    shutil.rmtree(Path(study_url.removeprefix("sqlite:///")).parent)
