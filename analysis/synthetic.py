@@ -99,7 +99,7 @@ def write_experiment(
         trial.update(
             {
                 "trial_dir": f"trial_{trial_id}",
-                "epochs": num_epochs,
+                "epochs_run": num_epochs,
                 "wall_time_s": rows[-1]["time_total_s"],
                 "checkpoint_path": None,
                 **summarize(rows, "disentanglement", "max"),

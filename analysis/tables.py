@@ -23,7 +23,7 @@ from glo_search.metrics import IDEAL_NEIGHBOURS, METRICS
 logger = logging.getLogger(__name__)
 
 NEAREST_COLUMNS = [f"nearest_{k}" for k in range(10)]
-# trials.parquet's ``epochs`` column contains the epochs a trial ran, not the config field.
+# ``epochs`` is the sweep's max epochs, the same for every trial (``epochs_run`` varies).
 NOT_HYPERPARAMETERS = ("epochs",)
 IMPORTANCE_EVALUATORS = ("ped_anova", "fanova")
 # Optuna's fANOVA defaults (64 trees of depth 64) took 40 s on a 1,000-trial study on
@@ -125,7 +125,14 @@ def best_trials(trials: pd.DataFrame, metric: str, top: int = 10, params=None) -
     leading = (
         ["experiment"] if "experiment" in trials and trials["experiment"].nunique() > 1 else []
     )
-    columns = leading + ["trial_id", "status", *params, "best_epoch", "epochs", *metric_columns]
+    columns = leading + [
+        "trial_id",
+        "status",
+        *params,
+        "best_epoch",
+        "epochs_run",
+        *metric_columns,
+    ]
     ordered = trials.sort_values(
         best_column(metric), ascending=_ascending(metric), na_position="last", kind="stable"
     )
@@ -266,7 +273,7 @@ def asha_rungs(info: dict[str, Any], trials: pd.DataFrame | None = None) -> list
         return [float(grace * eta**k) for k in range(count)]
     if trials is None or trials.empty:
         return []
-    stopped = trials.loc[trials["status"] == "stopped", "epochs"].dropna()
+    stopped = trials.loc[trials["status"] == "stopped", "epochs_run"].dropna()
     return sorted(float(e) for e in stopped.unique())
 
 
@@ -284,7 +291,7 @@ def rung_survival(
     total = len(trials)
     rows = []
     for milestone, kind in sorted(milestones):
-        reached = int((trials["epochs"].fillna(0) >= milestone).sum())
+        reached = int((trials["epochs_run"].fillna(0) >= milestone).sum())
         rows.append(
             {
                 "milestone": milestone,

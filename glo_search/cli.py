@@ -222,7 +222,7 @@ def _add_sweep(commands) -> None:
         default=None,
         metavar="FILE",
         help="JSON or YAML list of configurations to evaluate first (warm start); keys "
-        "must be keys the search space varies",
+        "must be keys the search space varies (default: none)",
     )
     _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
 
@@ -468,6 +468,9 @@ def _run_classifier(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": _run_train,
     "sweep": _run_sweep,
+    "resume": _run_resume,
+    "analyze": _run_analyze,
+    "probe": _run_probe,
     "spaces": _run_spaces,
     "classifier": _run_classifier,
 }

@@ -135,7 +135,7 @@ class ResultsWriter(tune.Callback):
             "trial %s %s after %s epochs: best %s=%s at epoch %s; %s",
             trial.trial_id,
             status,
-            row["epochs"],
+            row["epochs_run"],
             self.metric,
             row[f"best_{self.metric}"],
             row["best_epoch"],
@@ -162,7 +162,7 @@ class ResultsWriter(tune.Callback):
         row = self._trial_row(trial)
         rows = self.epochs.get(trial.trial_id, [])
         row["status"] = status
-        row["epochs"] = rows[-1]["epoch"] if rows else 0
+        row["epochs_run"] = rows[-1]["epoch"] if rows else 0
         row["wall_time_s"] = rows[-1]["time_total_s"] if rows else 0.0
         row["checkpoint_path"] = _best_checkpoint(trial, self.experiment_dir)
         row.update(summarize(rows, self.metric, self.mode))
@@ -249,7 +249,7 @@ def best_trials_table(trials, metric: str, top: int = 5) -> str:
         "content_decay",
         f"best_{metric}",
         "best_epoch",
-        "epochs",
+        "epochs_run",
     ]
     extra = [
         f"best_{name}"

@@ -154,13 +154,13 @@ def test_asha_rungs_match_ray(grace, eta, max_epochs):
 
 def test_asha_rungs_from_stopped_trials():
     trials = pd.DataFrame(
-        {"status": ["stopped", "stopped", "completed", "stopped"], "epochs": [2, 6, 20, 2]}
+        {"status": ["stopped", "stopped", "completed", "stopped"], "epochs_run": [2, 6, 20, 2]}
     )
     assert tables.asha_rungs({"max_epochs": 20}, trials) == [2.0, 6.0]
 
 
 def test_rung_survival_counts():
-    trials = pd.DataFrame({"epochs": [1, 2, 2, 6, 6, 6, 18, 20]})
+    trials = pd.DataFrame({"epochs_run": [1, 2, 2, 6, 6, 6, 18, 20]})
     survival = tables.rung_survival(trials, [2.0, 6.0, 18.0], max_epochs=20)
     assert survival["milestone"].tolist() == [2.0, 6.0, 18.0, 20.0]
     assert survival["kind"].tolist() == ["rung", "rung", "rung", "max_epochs"]
@@ -182,7 +182,7 @@ def trials_frame() -> pd.DataFrame:
             "content_decay": [0.0, 0.1, 0.0, 0.5, 0.0],
             "loss": ["l1", "l2", "l1", "l1", "l2"],
             "best_epoch": [4, 2, 1, 5, 2],
-            "epochs": [6, 2, 1, 6, 2],
+            "epochs_run": [6, 2, 1, 6, 2],
             "best_disentanglement": [0.4, 0.1, 0.0, 0.6, np.nan],
             "best_recon_error": [0.2, 0.3, 1.0, 0.25, 0.1],
             "best_ideal_neighbour_accuracy": [0.5, 0.1, 0.0, 0.7, 0.3],
@@ -198,7 +198,7 @@ def test_best_trials_order_and_columns():
     assert best["trial_id"].tolist() == ["d", "a", "b"]
     assert best.columns[:4].tolist() == ["trial_id", "status", "class_dim", "noise_std"]
     assert "content_dim" not in best  # it does not vary
-    assert best.columns[best.columns.get_loc("epochs") + 1] == "best_disentanglement"
+    assert best.columns[best.columns.get_loc("epochs_run") + 1] == "best_disentanglement"
 
 
 def test_best_trials_min_metric_sorts_ascending():

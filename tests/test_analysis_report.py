@@ -101,7 +101,7 @@ def test_rungs_match_experiment(report, parquet, small_experiment):
     assert info["rungs"] == [1.0, 2.0]
     table = pd.read_csv(report.parent / "rungs.csv")
     assert table["milestone"].tolist() == [1.0, 2.0, 3.0]
-    expected = [int((trials["epochs"] >= m).sum()) for m in (1, 2, 3)]
+    expected = [int((trials["epochs_run"] >= m).sum()) for m in (1, 2, 3)]
     assert table["reached"].tolist() == expected
 
 

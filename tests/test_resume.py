@@ -97,7 +97,7 @@ def test_resume_after_sigkill(tmp_path):
     for trial_id, row in before.items():
         now = trials.set_index("trial_id").loc[trial_id]
         assert now.status == row["status"]
-        assert now.epochs == row["epochs"]
+        assert now.epochs_run == row["epochs_run"]
         # Tune logged no new result for it: the trial did not run again.
         assert _result_lines(folder, trial_id) == lines_before[trial_id]
     assert not epochs.duplicated(["trial_id", "epoch"]).any()

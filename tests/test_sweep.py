@@ -62,7 +62,8 @@ def test_sweep_epochs_parquet_matches_trials(small_sweep):
     assert set(epochs["trial_id"]) == set(trials.index)
     for trial_id, rows in epochs.groupby("trial_id"):
         assert rows["epoch"].tolist() == list(range(1, len(rows) + 1))
-        assert trials.loc[trial_id, "epochs"] == len(rows)
+        assert trials.loc[trial_id, "epochs_run"] == len(rows)
+        assert trials.loc[trial_id, "epochs"] == 2
         assert trials.loc[trial_id, "best_disentanglement"] == rows["disentanglement"].max()
         assert trials.loc[trial_id, "last_recon_error"] == rows["recon_error"].iloc[-1]
     nearest = epochs[[f"nearest_{k}" for k in range(10)]]
@@ -127,10 +128,10 @@ def test_custom_scheduler_decisions_take_effect(ray_session, tmp_path):
     assert len(scheduler.stopped) == 2
     for trial_id, row in trials.iterrows():
         if trial_id in scheduler.stopped:
-            assert row["epochs"] == 1
+            assert row["epochs_run"] == 1
             assert row["status"] == "stopped"
         else:
-            assert row["epochs"] == 3
+            assert row["epochs_run"] == 3
             assert row["status"] == "completed"
 
 
