@@ -16,10 +16,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(tmp_path)
+        # mkstemp creates the file readable by its owner only; give the result the
+        # permissions a plain open() would, so others on shared storage can read it.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         Path(tmp_path).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, content: bytes) -> None:

@@ -172,7 +172,18 @@ class Trainer:
         self.codes.load_state_dict(state["codes"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.order_rng.set_state(state["order_rng"])
-        self.noise_rng.set_state(state["noise_rng"])
+        try:
+            self.noise_rng.set_state(state["noise_rng"])
+        except RuntimeError:
+            # A CUDA generator's state does not fit a CPU generator (and the reverse), so a
+            # checkpoint moved between devices continues with a fresh, seeded noise stream.
+            logger.warning(
+                "noise generator state of the checkpoint does not fit device %s; "
+                "reseeding it, so the noise after epoch %d differs from the original run",
+                self.device,
+                self.epoch,
+            )
+            self.noise_rng.manual_seed(self.config.seed + 2 + self.epoch)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the trainer state (and extra plain values) atomically with torch.save."""

@@ -96,3 +96,15 @@ def test_checkpoint_with_pickled_object_is_rejected(tmp_path):
     torch.save({"config": {}, "object": Payload()}, tmp_path / "trainer.pt")
     with pytest.raises(pickle.UnpicklingError):
         read_checkpoint(tmp_path / "trainer.pt")
+
+
+def test_checkpoint_from_other_device_reseeds_noise(tmp_path, small_dataset, caplog):
+    trainer = Trainer(_config(), small_dataset, device="cpu")
+    trainer.train_epoch()
+    state = trainer.state_dict()
+    state["noise_rng"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state size
+    restored = Trainer(_config(), small_dataset, device="cpu")
+    restored.load_state_dict(state)
+    assert restored.epoch == 1
+    assert "reseeding" in caplog.text
+    assert torch.isfinite(torch.tensor(restored.train_epoch()))
