@@ -161,10 +161,10 @@ def importance_section(context: Context) -> Section:
     section = Section(
         "importance",
         "Parameter importance",
-        "Optuna's importance evaluators on each experiment's study, for the sweep's metric "
-        "as the study recorded it (Ray's OptunaSearch reports a trial's value at its last "
-        "epoch, also for trials that ASHA stopped early). PED-ANOVA also scores conditional "
-        "parameters; fANOVA scores only those every completed trial has. A parameter whose "
+        "Optuna's importance evaluators on each experiment's study, with each trial's "
+        "best value of the metric over the epochs it ran (from trials.parquet), so that "
+        "trials ASHA stopped early count too. PED-ANOVA also scores conditional "
+        "parameters; fANOVA scores only those every trial has. A parameter whose "
         "name starts with an underscore is a branch switch of the search space.",
     )
     for experiment in context.experiments:
@@ -178,9 +178,13 @@ def importance_section(context: Context) -> Section:
                 )
             )
             continue
-        importances = tables.param_importances(study)
+        trials = context.trials[context.trials["experiment"] == experiment.name]
+        scored = tables.study_with_best_values(study, trials, context.metric)
+        if len(scored.trials) < 2:
+            scored = study  # a study without tune_trial_id, written before glo-search kept it
+        importances = tables.param_importances(scored)
         completed = int(importances["completed_trials"].max()) if len(importances) else 0
-        caption = f"{experiment.name}: {completed} completed trials in the study"
+        caption = f"{experiment.name}: {completed} trials scored"
         section.blocks.append(context.files.table(f"importance{suffix}", importances, caption))
         figure = plots.plot_importances(importances, experiment.metric)
         section.blocks.append(context.files.figure(f"importance{suffix}", figure))

@@ -202,6 +202,36 @@ def param_importances(
     return table
 
 
+def study_with_best_values(study, trials: pd.DataFrame, metric: str):
+    """Return an in-memory study whose trials carry their best value of ``metric``.
+
+    Ray's OptunaSearch tells Optuna only a trial's value at its last epoch, and glo-search
+    records trials that ASHA stopped as PRUNED, so importance on the stored study sees only
+    the trials that ran to the end. Here every COMPLETE or PRUNED trial that carries a
+    ``tune_trial_id`` found in ``trials`` becomes COMPLETE with that trial's
+    ``best_<metric>`` from trials.parquet. Trials stopped early had fewer epochs to reach
+    their best, so the importances also reflect which settings the scheduler stopped.
+    """
+    import optuna
+
+    best = trials.set_index("trial_id")[best_column(metric)].dropna().to_dict()
+    copy = optuna.create_study(directions=study.directions)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for trial in study.get_trials(deepcopy=False, states=states):
+        value = best.get(trial.user_attrs.get("tune_trial_id"))
+        if value is None or not math.isfinite(value):
+            continue
+        copy.add_trial(
+            optuna.trial.create_trial(
+                params=trial.params,
+                distributions=trial.distributions,
+                value=float(value),
+                user_attrs=trial.user_attrs,
+            )
+        )
+    return copy
+
+
 def valid_epochs(epochs: pd.DataFrame) -> pd.DataFrame:
     """Return the trial-epochs that did not diverge (diverged ones hold worst values)."""
     if "diverged" not in epochs:

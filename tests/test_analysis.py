@@ -537,3 +537,28 @@ def test_analyze_shows_probe_gallery(synthetic_experiment, tmp_path):
     assert f"thick, epoch {int(best.best_epoch)}" in gallery
     assert encoded in gallery
     assert gallery.count("no probe images recorded") == 1  # the second trial has none
+
+
+def test_study_with_best_values_scores_pruned_trials():
+    import optuna
+
+    from analysis.tables import study_with_best_values
+
+    study = optuna.create_study(direction="maximize")
+    distribution = optuna.distributions.IntDistribution(1, 10)
+    states = [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    for number, state in enumerate(states):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"class_dim": number + 1},
+                distributions={"class_dim": distribution},
+                value=0.1 if state == optuna.trial.TrialState.COMPLETE else None,
+                intermediate_values={1: 0.3},
+                state=state,
+                user_attrs={"tune_trial_id": f"t{number}"},
+            )
+        )
+    trials = pd.DataFrame({"trial_id": ["t0", "t1"], "best_disentanglement": [0.5, 0.7]})
+    scored = study_with_best_values(study, trials, "disentanglement")
+    assert [t.value for t in scored.trials] == [0.5, 0.7]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in scored.trials)

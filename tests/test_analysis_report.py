@@ -119,13 +119,18 @@ def test_ideal_neighbours_match_parquet(report, parquet):
     assert table["hit"].mean() == pytest.approx(row["ideal_neighbour_accuracy"].iloc[0])
 
 
-def test_importance_uses_the_study(report, small_experiment):
+def test_importance_scores_every_finished_trial(report, small_experiment, parquet):
     study = optuna.load_study(
         study_name="small", storage=f"sqlite:///{small_experiment / 'optuna.db'}"
     )
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    finished = study.get_trials(
+        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
+    trials, _ = parquet
     table = pd.read_csv(report.parent / "importance.csv")
-    assert (table["completed_trials"] == len(complete)).all()
+    # Pruned trials count with their best value from trials.parquet.
+    assert (table["completed_trials"] == len(finished)).all()
+    assert len(finished) == len(trials)
     assert {"class_dim", "content_dim", "noise_std"} <= set(table["parameter"])
     assert table["ped_anova"].sum() == pytest.approx(1.0)
 
