@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned to a pair that imports together.
 TORCH := torch==2.14.1 torchvision==0.29.1
 SWEEP_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install sweep test test-slow lint clean
+.PHONY: install sweep test test-slow lint clean bench
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Every speed figure of BENCHMARKS.md, about 10 minutes on 2 cores;
+# BENCH_ARGS=--with-search adds the search-efficiency figure (about 30 minutes more).
+bench: install
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check glo_search search_spaces analysis tests benchmarks

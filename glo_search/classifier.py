@@ -113,10 +113,16 @@ def _random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Te
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """Return predicted labels (N,) for images (N, 1, 28, 28)."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Return predicted labels (N,) for images (N, 1, 28, 28).
+
+    Chunks of 128 images ran about twice as fast as chunks of 2,048 on one core of a
+    2-core AMD EPYC VM, because the smaller feature maps stay in cache. Inputs go
+    channels-last to match a model converted with ``model.to(memory_format=...)``.
+    """
     chunks = [
-        model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)
+        model(images[i : i + batch_size].contiguous(memory_format=torch.channels_last)).argmax(1)
+        for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
 

@@ -65,6 +65,12 @@ class TrainConfig:
     swap_sources: int = _field(
         300, "content images used for the cross-class swap metrics", "images"
     )
+    eval_every: int = _field(
+        1,
+        "epochs between metric evaluations, each with a Ray Tune report and a checkpoint; "
+        "the last epoch and the ASHA rung epochs of a sweep are always evaluated",
+        "epochs",
+    )
     probe_every: int = _field(
         5,
         "epochs between probe and activation images in TensorBoard (also written at "
@@ -150,6 +156,7 @@ def validate(config: TrainConfig) -> None:
     _check_min(config, "num_images", 10)
     _check_min(config, "swap_sources", 10)
     _check_min(config, "probe_every", 0)
+    _check_min(config, "eval_every", 1)
     _check_min(config, "noise_std", 0.0)
     _check_min(config, "content_decay", 0.0)
     _check_min(config, "lr_generator", 0.0, strict=True)

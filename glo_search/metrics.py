@@ -187,21 +187,82 @@ def style_transfer(
 def content_leakage(content_codes: torch.Tensor, labels: torch.Tensor, seed: int) -> float:
     """Held-out accuracy of a logistic-regression probe predicting labels from content codes.
 
-    Codes are standardized and split 80/20 at random (seeded); chance is about 0.1.
+    Codes are standardized and split 80/20 at random (seeded); chance is about 0.1. The
+    probe is scikit-learn's default ``LogisticRegression`` (multinomial, L2 penalty with
+    C = 1, unpenalized intercept) on codes scaled as by ``StandardScaler`` and split as by
+    ``train_test_split(test_size=0.2, random_state=seed)``, fitted here with PyTorch's
+    L-BFGS and a written-out gradient. On 2,000 codes and one core of a 2-core AMD EPYC
+    VM that took 5-35 ms where scikit-learn took 5-210 ms, and the accuracies agreed to
+    within 2 of the 400 held-out codes (``benchmarks/speed.py metrics`` checks this).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-
-    codes = content_codes.detach().double().cpu().numpy()
-    y = labels.cpu().numpy()
-    if not np.isfinite(codes).all():
+    codes = content_codes.detach().double().cpu()
+    y = labels.cpu()
+    if not torch.isfinite(codes).all():
         return float("nan")
-    x_train, x_test, y_train, y_test = train_test_split(codes, y, test_size=0.2, random_state=seed)
-    scaler = StandardScaler().fit(x_train)
-    probe = LogisticRegression(max_iter=300)
-    probe.fit(scaler.transform(x_train), y_train)
-    return float(probe.score(scaler.transform(x_test), y_test))
+    train, test = probe_split(len(y), seed)
+    mean = codes[train].mean(dim=0)
+    scale = codes[train].std(dim=0, unbiased=False)
+    # StandardScaler leaves features of (near) zero variance unscaled.
+    tiny = 10 * torch.finfo(scale.dtype).eps
+    scale = torch.where(scale < tiny, torch.ones_like(scale), scale)
+    x = (codes - mean) / scale
+    classes, y_index = torch.unique(y, return_inverse=True)
+    weights = fit_logistic_regression(x[train], y_index[train], len(classes))
+    logits = x[test] @ weights[:-1] + weights[-1]  # (test, classes)
+    return (logits.argmax(dim=1) == y_index[test]).double().mean().item()
+
+
+def probe_split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (train, test) indices as ``train_test_split(test_size=0.2, random_state=seed)``.
+
+    scikit-learn draws one permutation from ``RandomState(seed)`` and takes its first
+    ceil(0.2 * count) indices as the test split.
+    """
+    order = np.random.RandomState(seed).permutation(count)
+    test_count = int(np.ceil(0.2 * count))
+    return torch.from_numpy(order[test_count:]), torch.from_numpy(order[:test_count])
+
+
+def fit_logistic_regression(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    c: float = 1.0,
+) -> torch.Tensor:
+    """Fit multinomial logistic regression with L-BFGS; return (features + 1, classes) weights.
+
+    The last row is the intercept. The objective is scikit-learn's: mean cross-entropy
+    plus ||W||^2 / (2 C n), intercept unpenalized. The fit stops when no gradient entry
+    exceeds 1e-5, ten times tighter than scikit-learn's default tolerance.
+    """
+    count, features = x.shape
+    weights = torch.zeros(features + 1, num_classes, dtype=x.dtype)
+    penalty = 1.0 / (2.0 * c * count)
+    design = torch.cat([x, torch.ones(count, 1, dtype=x.dtype)], dim=1)  # (n, features + 1)
+    onehot = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)  # (n, classes)
+    mask = torch.ones_like(weights)
+    mask[-1] = 0.0  # the intercept is not penalized
+    optimizer = torch.optim.LBFGS(
+        [weights],
+        max_iter=500,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-12,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def objective() -> torch.Tensor:
+        # The gradient is written out, which takes a third of autograd's operations.
+        logits = design @ weights  # (n, classes)
+        log_z = torch.logsumexp(logits, dim=1, keepdim=True)
+        loss = (log_z.sum() - (logits * onehot).sum()) / count
+        loss = loss + penalty * (weights * weights * mask).sum()
+        residual = (torch.exp(logits - log_z) - onehot) / count
+        weights.grad = design.T @ residual + 2.0 * penalty * weights * mask
+        return loss
+
+    optimizer.step(objective)
+    return weights.detach()
 
 
 def recon_error(outputs: torch.Tensor, images: torch.Tensor) -> float:

@@ -81,7 +81,7 @@ def resume(
         address: a Ray cluster address; default: start Ray in this process.
         dashboard_host: start Ray's dashboard bound to this address (local Ray only).
     """
-    from glo_search.search import ensure_ray, make_trainable
+    from glo_search.search import ensure_ray, make_trainable, rung_epochs
 
     location = open_experiment(experiment)
     settings = read_settings(location)
@@ -98,6 +98,7 @@ def resume(
         settings["cpus_per_trial"],
         settings["gpus_per_trial"],
         settings["metric"],
+        rung_epochs(settings),
     )
     tuner = tune.Tuner.restore(
         location.path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -253,14 +254,32 @@ def make_trainable(
     cpus_per_trial: float,
     gpus_per_trial: float,
     metric: str,
+    eval_epochs: tuple[int, ...] = (),
 ):
-    """Build the trainable of a sweep; ``resume`` calls this with experiment.json's values."""
+    """Build the trainable of a sweep; ``resume`` calls this with experiment.json's values.
+
+    Trials compute their metrics at each of ``eval_epochs`` (the scheduler's rungs, see
+    :func:`rung_epochs`) whatever their ``eval_every``.
+    """
     return tune.with_resources(
         tune.with_parameters(
-            train_glo, base=base, classifier_state=classifier_state, metric=metric
+            train_glo,
+            base=base,
+            classifier_state=classifier_state,
+            metric=metric,
+            eval_epochs=eval_epochs,
         ),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
+
+
+def rung_epochs(settings: dict[str, Any]) -> tuple[int, ...]:
+    """Return the epochs of the rungs in experiment.json's settings, rounded up.
+
+    ASHA decides at a trial's first result at or past a rung, so a rung of 12.5 epochs
+    is decided at epoch 13.
+    """
+    return tuple(math.ceil(rung) for rung in settings.get("rungs", ()))
 
 
 def sweep(
@@ -287,6 +306,7 @@ def sweep(
     callbacks: list[tune.Callback] | None = None,
     dashboard_host: str | None = None,
     verbose: int = 1,
+    reuse_actors: bool = False,
 ) -> tune.ResultGrid:
     """Run a hyperparameter sweep of the GLO trainer and return Ray Tune's ResultGrid.
 
@@ -323,6 +343,11 @@ def sweep(
         callbacks: extra Ray Tune callbacks, after the sweep's own result writers.
         dashboard_host: start Ray's dashboard bound to this address (local Ray only);
             default: no dashboard.
+        reuse_actors: run a new trial in the process of a finished one, which saves
+            starting a Ray worker and importing torch for every trial (Ray Tune's
+            ``TuneConfig.reuse_actors``). NOTE: with Ray 2.60 a reused process writes
+            the TensorBoard logs of its later trials under Ray's local working
+            directories, not into the trial folders, so this is off by default.
     """
     mode = _check_metric(metric)
     fixed = base_config.to_dict() if isinstance(base_config, TrainConfig) else base_config
@@ -372,6 +397,7 @@ def sweep(
             max_concurrent=max_concurrent,
             callbacks=callbacks,
             verbose=verbose,
+            reuse_actors=reuse_actors,
         )
     except BaseException:
         location.remove()  # nothing ran yet: leave no folder that resume would trip on
@@ -404,6 +430,7 @@ def _build_tuner(
     max_concurrent: int | None,
     callbacks: list | None,
     verbose: int,
+    reuse_actors: bool,
 ) -> tuple[tune.Tuner, Any]:
     if search_alg is None:
         study_url, mirror = study_place(location)
@@ -442,6 +469,7 @@ def _build_tuner(
         settings["cpus_per_trial"],
         settings["gpus_per_trial"],
         metric,
+        rung_epochs(settings),
     )
     tuner = tune.Tuner(
         trainable,
@@ -452,6 +480,7 @@ def _build_tuner(
             num_samples=settings["num_samples"],
             max_concurrent_trials=max_concurrent,
             trial_dirname_creator=trial_dirname,
+            reuse_actors=reuse_actors,
             **_tune_metric(scheduler, metric, mode),
         ),
         run_config=_run_config(

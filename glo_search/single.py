@@ -15,7 +15,7 @@ from glo_search.io import atomic_write_text
 from glo_search.metrics import METRICS, metric_mode
 from glo_search.results import write_table
 from glo_search.tensorboard import TrainingLog
-from glo_search.trainer import Trainer
+from glo_search.trainer import Trainer, evaluation_due
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def train_run(
     """Train one configuration, writing TensorBoard logs, checkpoints and epochs.parquet.
 
     ``best.pt`` is the checkpoint of the best epoch by ``metric``; ``last.pt`` is the
-    latest. Returns one result dict per epoch. A non-finite loss or metric stops the run
+    latest evaluated one. Returns one result dict per evaluated epoch (every
+    ``config.eval_every`` epochs and the last). A non-finite loss or metric stops the run
     early and is logged as divergence.
     """
     mode = metric_mode(metric)
@@ -49,6 +50,8 @@ def train_run(
             result = _epoch(trainer)
             if result is None:
                 break
+            if not result:
+                continue
             history.append(result)
             log.write_epoch(trainer.epoch, result, trainer)
             write_table(history, out_dir / "epochs.parquet")
@@ -64,10 +67,13 @@ def train_run(
 
 
 def _epoch(trainer: Trainer) -> dict[str, Any] | None:
+    """Train one epoch and evaluate when due; return None on divergence, {} when not due."""
     train_loss = trainer.train_epoch()
     if not math.isfinite(train_loss):
         logger.error("training loss is %s at epoch %d: run diverged", train_loss, trainer.epoch)
         return None
+    if not evaluation_due(trainer.epoch, trainer.config):
+        return {}
     metrics = trainer.evaluate()
     bad = [name for name in METRICS if not math.isfinite(metrics[name])]
     if bad:

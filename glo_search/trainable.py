@@ -1,8 +1,10 @@
 """Ray Tune function trainable around the GLO trainer.
 
-Every epoch it reports every metric of :data:`glo_search.metrics.METRICS` together with
-a checkpoint, so that ASHA, the searcher and CheckpointConfig (which keeps the best
-checkpoint by the sweep's metric) all see the same numbers.
+Every evaluated epoch it reports every metric of :data:`glo_search.metrics.METRICS`
+together with a checkpoint, so that ASHA, the searcher and CheckpointConfig (which keeps
+the best checkpoint by the sweep's metric) all see the same numbers. Epochs are evaluated
+every ``eval_every`` epochs (by default every epoch), at the scheduler's rungs and at the
+last epoch; other epochs train without a report.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from glo_search.data import load_dataset
 from glo_search.metrics import METRICS
 from glo_search.spaces import config_keys
 from glo_search.tensorboard import TrainingLog
-from glo_search.trainer import CHECKPOINT_FILE, Trainer, read_checkpoint
+from glo_search.trainer import CHECKPOINT_FILE, Trainer, evaluation_due, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +50,13 @@ def train_glo(
     base: dict[str, Any],
     classifier_state: dict[str, torch.Tensor] | None = None,
     metric: str = "disentanglement",
+    eval_epochs: tuple[int, ...] = (),
 ) -> None:
     """Train one trial: ``base`` (the sweep's fixed settings) updated by Tune's ``config``.
 
-    ``metric`` is the sweep's metric; TensorBoard's ``best/`` images follow it.
+    ``metric`` is the sweep's metric; TensorBoard's ``best/`` images follow it. Epochs in
+    ``eval_epochs`` (the scheduler's rungs) are evaluated and reported whatever
+    ``eval_every`` is; other epochs without an evaluation report nothing to Tune.
     """
     train_config = from_dict({**base, **config_keys(config)})
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint
@@ -61,7 +67,7 @@ def train_glo(
     _restore(trainer)
     log = TrainingLog(Path(context.get_trial_dir()) / "tensorboard", train_config, metric)
     try:
-        _train_loop(trainer, log)
+        _train_loop(trainer, log, eval_epochs)
     finally:
         log.close()
 
@@ -75,11 +81,16 @@ def _restore(trainer: Trainer) -> None:
     logger.info("trial resumed from its checkpoint after epoch %d", trainer.epoch)
 
 
-def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
+def _train_loop(trainer: Trainer, log: TrainingLog, eval_epochs: tuple[int, ...] = ()) -> None:
     # The node that ran each epoch; a trial retried after a crash may move to another node.
     node = {"node_id": ray.get_runtime_context().get_node_id()}
+    # Seconds this process spent in train_epoch and in evaluate, reported with each result
+    # so that a sweep's time splits into training, metrics and the rest.
+    seconds = {"train_time_s": 0.0, "eval_time_s": 0.0}
     while trainer.epoch < trainer.config.epochs:
+        started = time.perf_counter()
         train_loss = trainer.train_epoch()
+        seconds["train_time_s"] += time.perf_counter() - started
         if not math.isfinite(train_loss):
             logger.warning(
                 "training loss is %s at epoch %d: trial diverged",
@@ -88,7 +99,11 @@ def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
             )
             tune.report({**worst_result(trainer.epoch, train_loss), **node})
             return
+        if not evaluation_due(trainer.epoch, trainer.config, eval_epochs):
+            continue
+        started = time.perf_counter()
         metrics = trainer.evaluate()
+        seconds["eval_time_s"] += time.perf_counter() - started
         bad = diverged_metric(metrics)
         if bad is not None:
             logger.warning(
@@ -102,6 +117,7 @@ def _train_loop(trainer: Trainer, log: TrainingLog) -> None:
             "train_loss": train_loss,
             "diverged": 0,
             **node,
+            **seconds,
         }
         log.write_epoch(trainer.epoch, result, trainer)
         with tempfile.TemporaryDirectory() as folder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,21 @@ from glo_search.model import LatentCodes, build_generator
 
 logger = logging.getLogger(__name__)
 
-EVAL_BATCH = 4096
+# Images per generator call in evaluation, by device type. On a CPU, small chunks keep the
+# intermediate maps in cache. Decoding 2,000 codes took 0.11 s in chunks of 64-128 and
+# 0.22 s in one chunk on one core of a 2-core AMD EPYC VM. A GPU wants large chunks.
+EVAL_BATCH = {"cpu": 128}
+DEFAULT_EVAL_BATCH = 4096
 CHECKPOINT_FILE = "trainer.pt"
+
+
+def evaluation_due(epoch: int, config: TrainConfig, milestones: Collection[int] = ()) -> bool:
+    """Return whether metrics are computed after ``epoch``.
+
+    They are every ``config.eval_every`` epochs, at the last epoch and at each of
+    ``milestones`` (a sweep passes its ASHA rung epochs, where trials are compared).
+    """
+    return epoch % config.eval_every == 0 or epoch >= config.epochs or epoch in milestones
 
 
 def default_device() -> torch.device:
@@ -60,20 +73,25 @@ class Trainer:
             config.class_dim,
             init_rng,
         ).to(self.device)
+        # The fused kernel updates every parameter in one call. As with the per-tensor Adam,
+        # the content-code table gets a dense gradient every step, zero outside the batch.
         self.optimizer = torch.optim.Adam(
             [
                 {"params": self.generator.parameters(), "lr": config.lr_generator},
                 {"params": self.codes.parameters(), "lr": config.lr_latent},
-            ]
+            ],
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.loss_fn = build_loss(
             config.loss, classifier_state, config.perceptual_weights, self.device
         )
         self.order_rng = torch.Generator().manual_seed(config.seed + 1)
         self.noise_rng = torch.Generator(self.device).manual_seed(config.seed + 2)
-        self.classifier = (
-            digit_classifier.build(classifier_state, self.device) if classifier_state else None
-        )
+        self.classifier = None
+        if classifier_state:
+            # Channels-last convolutions are about twice as fast on a CPU (same predictions).
+            model = digit_classifier.build(classifier_state, self.device)
+            self.classifier = model.to(memory_format=torch.channels_last)
         self.swaps = m.build_swaps(dataset.labels, config.swap_sources, config.seed)
         self.source_attributes = m.style_attributes(dataset.images[self.swaps.sources])
 
@@ -82,22 +100,29 @@ class Trainer:
         config = self.config
         self.generator.train()
         order = torch.randperm(len(self.labels), generator=self.order_rng).to(self.device)
+        # Gather the epoch's images, labels and noise once, so that each step slices views.
+        images = self.images[order]  # (N, 1, 28, 28)
+        labels = self.labels[order]  # (N,)
+        noise = None
+        if config.noise_std > 0:
+            noise = torch.randn(
+                (len(order), config.content_dim), generator=self.noise_rng, device=self.device
+            )
+            noise.mul_(config.noise_std)
         total = torch.zeros((), device=self.device)
-        for batch in order.split(config.batch_size):
-            content = self.codes.content[batch]  # (B, content_dim)
-            class_code = self.codes.classes[self.labels[batch]]  # (B, class_dim)
-            noisy = content
-            if config.noise_std > 0:
-                noise = torch.randn(content.shape, generator=self.noise_rng, device=self.device)
-                noisy = content + config.noise_std * noise
+        for start in range(0, len(order), config.batch_size):
+            stop = start + config.batch_size
+            content = self.codes.content[order[start:stop]]  # (B, content_dim)
+            class_code = self.codes.classes[labels[start:stop]]  # (B, class_dim)
+            noisy = content if noise is None else content + noise[start:stop]
             output = self.generator(class_code, noisy)
-            loss = self.loss_fn(output, self.images[batch])
+            loss = self.loss_fn(output, images[start:stop])
             if config.content_decay > 0:
                 loss = loss + config.content_decay * content.pow(2).sum(dim=1).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.detach() * len(batch)
+            total += loss.detach() * len(content)
         self.epoch += 1
         return (total / len(self.labels)).item()
 
@@ -106,11 +131,10 @@ class Trainer:
         """Decode codes in evaluation mode (no noise, batch-norm running statistics)."""
         was_training = self.generator.training
         self.generator.eval()
+        chunk = EVAL_BATCH.get(self.device.type, DEFAULT_EVAL_BATCH)
         outputs = [
             self.generator(c, z)
-            for c, z in zip(
-                class_codes.split(EVAL_BATCH), content_codes.split(EVAL_BATCH), strict=True
-            )
+            for c, z in zip(class_codes.split(chunk), content_codes.split(chunk), strict=True)
         ]
         self.generator.train(was_training)
         return torch.cat(outputs)  # (N, 1, 28, 28)
@@ -125,12 +149,16 @@ class Trainer:
         """Compute every metric of :data:`glo_search.metrics.METRICS` and the nearest classes."""
         class_codes = self.codes.classes.detach()
         content_codes = self.codes.content.detach()
-        recon = m.recon_error(self.reconstruct(), self.images)
+        count = len(self.labels)
+        targets = self.swaps.targets.to(self.device)
+        # One pass decodes the reconstructions (N) and the cross-class swaps (M).
+        outputs = self.generate(
+            torch.cat([class_codes[self.labels], class_codes[targets]]),
+            torch.cat([content_codes, content_codes[self.swaps.sources.to(self.device)]]),
+        )  # (N + M, 1, 28, 28)
+        recon = m.recon_error(outputs[:count], self.images)
+        swap_outputs = outputs[count:]
         nearest = m.nearest_classes(class_codes.cpu())
-        swap_outputs = self.generate(
-            class_codes[self.swaps.targets.to(self.device)],
-            content_codes[self.swaps.sources.to(self.device)],
-        )
         if self.classifier is not None:
             predicted = digit_classifier.predict(self.classifier, swap_outputs)
             fidelity = m.class_fidelity(predicted, self.swaps.targets)
@@ -141,9 +169,7 @@ class Trainer:
             m.style_attributes(swap_outputs).cpu(),
             self.swaps.targets,
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the probe's convergence warnings
-            leakage = m.content_leakage(content_codes, self.labels, self.config.seed)
+        leakage = m.content_leakage(content_codes, self.labels, self.config.seed)
         results: dict[str, Any] = {
             "recon_error": recon,
             "ideal_neighbour_accuracy": m.ideal_neighbour_accuracy(nearest),

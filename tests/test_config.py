@@ -14,6 +14,7 @@ from glo_search.config import FIELDS, ConfigError, TrainConfig, from_dict
         ({"lr_latent": 0.0}, r"invalid lr_latent=0.0 .*must be > 0"),
         ({"epochs": 0}, r"invalid epochs=0 .*must be >= 1"),
         ({"num_images": 5}, r"invalid num_images=5 .*must be >= 10"),
+        ({"eval_every": 0}, r"invalid eval_every=0 \(--eval-every\): must be >= 1"),
         ({"loss": "l3"}, r"invalid loss='l3' \(--loss\): must be one of l1, l2, l1\+l2"),
         ({"generator": "vae"}, r"invalid generator='vae' .*must be one of glo"),
         ({"dataset": "cifar"}, r"invalid dataset='cifar' .*must be one of shipped, mnist"),

@@ -159,3 +159,47 @@ def test_metric_mode_unknown_metric_lists_valid():
 def test_every_metric_worst_is_in_range():
     for spec in m.METRICS.values():
         assert spec.worst in (0.0, 1.0)
+
+
+def test_probe_split_matches_scikit_learn():
+    from sklearn.model_selection import train_test_split
+
+    for count, seed in ((2000, 0), (333, 7)):
+        train, test = m.probe_split(count, seed)
+        expected_train, expected_test = train_test_split(
+            list(range(count)), test_size=0.2, random_state=seed
+        )
+        assert train.tolist() == expected_train
+        assert test.tolist() == expected_test
+
+
+def _sklearn_leakage(codes, labels, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, x_test, y_train, y_test = train_test_split(
+        codes.double().numpy(), labels.numpy(), test_size=0.2, random_state=seed
+    )
+    scaler = StandardScaler().fit(x_train)
+    probe = LogisticRegression(max_iter=1000).fit(scaler.transform(x_train), y_train)
+    return probe.score(scaler.transform(x_test), y_test)
+
+
+@pytest.mark.parametrize("signal", [0.0, 0.3, 1.0])
+def test_content_leakage_agrees_with_scikit_learn(signal):
+    # Codes that carry the label with a given strength, among noise dimensions.
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (2000,), generator=generator)
+    codes = torch.randn(2000, 25, generator=generator)
+    codes[:, :10] += signal * torch.nn.functional.one_hot(labels, 10)
+    ours = m.content_leakage(codes, labels, seed=0)
+    # 400 held-out codes: a difference of 2 codes is 0.005.
+    assert ours == pytest.approx(_sklearn_leakage(codes, labels, 0), abs=0.0051)
+
+
+def test_content_leakage_constant_feature_is_not_scaled():
+    labels = torch.arange(500) % 10
+    codes = torch.nn.functional.one_hot(labels, 10).double()
+    codes = torch.cat([codes, torch.ones(500, 1, dtype=torch.float64)], dim=1)
+    assert m.content_leakage(codes, labels, seed=0) == 1.0

@@ -200,3 +200,24 @@ def test_make_scheduler_rungs_in_epochs():
 
 def test_make_scheduler_default_grace_fits_short_sweeps():
     assert _rungs(make_scheduler("asha", max_epochs=1)) == [1]
+
+
+def test_sweep_evaluates_at_rungs_and_every_k(ray_session, tmp_path):
+    # eval_every 3 over 5 epochs, ASHA rungs at epochs 1 and 4: metrics at 1, 3, 4 and 5.
+    # ASHA never stops the first trial to reach a rung, so one trial runs all 5 epochs.
+    sweep(
+        "default",
+        num_samples=1,
+        max_epochs=5,
+        base_config={**SMALL, "eval_every": 3},
+        storage=tmp_path,
+        name="every3",
+        grace_period=1,
+        reduction_factor=4,
+        max_concurrent=1,
+        verbose=0,
+    )
+    experiment = json.loads((tmp_path / "every3" / "experiment.json").read_text())
+    assert experiment["rungs"] == [1, 4]
+    epochs = pd.read_parquet(tmp_path / "every3" / "epochs.parquet")
+    assert epochs["epoch"].tolist() == [1, 3, 4, 5]

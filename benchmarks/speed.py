@@ -1,0 +1,411 @@
+"""Trainer speed figures, each a ratio of two things measured side by side in one run.
+
+    python benchmarks/speed.py arithmetic   # images/s against the FLOP/s of a matrix product
+    python benchmarks/speed.py plain        # against a plain DataLoader loop; same learning
+    python benchmarks/speed.py metrics      # time in evaluate() against time in train_epoch()
+    python benchmarks/speed.py kernels      # fused upsample + transposed conv against PyTorch's
+    python benchmarks/speed.py memory       # peak memory of one trial's process
+
+Every command takes --threads (torch threads; default: torch's default, one per core) and
+--rounds. Timed cases alternate round by round, and medians are reported, so a change in
+the machine's load hits every case alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from common import (
+    ROOT,
+    PlainLoop,
+    interleaved,
+    machine,
+    median,
+    reference_forward,
+    set_threads,
+    timed,
+)
+from torch.utils.flop_counter import FlopCounterMode
+
+from glo_search import classifier as digit_classifier
+from glo_search import metrics as m
+from glo_search.config import TrainConfig
+from glo_search.data import load_dataset
+from glo_search.kernels import upsample_conv_transpose
+from glo_search.trainer import Trainer
+
+METRIC_NAMES = tuple(m.METRICS)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("figure", choices=sorted(FIGURES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="epochs per run for 'plain' learning (default: 10)"
+    )
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    print(f"machine: {machine()}")
+    figures = FIGURES[args.figure](args)
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+def _default_trainer(classifier: bool = False) -> Trainer:
+    config = TrainConfig()
+    state = digit_classifier.load_state() if classifier else None
+    return Trainer(config, load_dataset(config), state, device="cpu")
+
+
+# --- arithmetic -------------------------------------------------------------------------
+
+
+def training_flops(trainer: Trainer, forward) -> float:
+    """Count the FLOPs of one training image: forward and backward of one batch, divided.
+
+    Counted by torch.utils.flop_counter (matrix products and convolutions; element-wise
+    operations such as batch norm and the loss are not counted).
+    """
+    batch = torch.arange(trainer.config.batch_size)
+    with FlopCounterMode(display=False) as counter:
+        content = trainer.codes.content[batch]
+        class_code = trainer.codes.classes[trainer.labels[batch]]
+        output = forward(class_code, content)
+        trainer.loss_fn(output, trainer.images[batch]).backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch)
+
+
+def matmul_rate(size: int = 2048) -> float:
+    """Return the FLOP/s of one float32 (size x size) matrix product."""
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    a @ b  # warm-up
+    return 2 * size**3 / timed(lambda: a @ b)
+
+
+def arithmetic(args) -> dict:
+    trainer = _default_trainer()
+    model_flops = training_flops(trainer, lambda c, z: reference_forward(trainer.generator, c, z))
+    executed_flops = training_flops(trainer, trainer.generator)
+    trainer.train_epoch()  # warm-up
+    rates: list[float] = []
+    times = interleaved(
+        {"epoch": trainer.train_epoch, "matmul": lambda: rates.append(matmul_rate())},
+        args.rounds,
+    )
+    epoch, rate = median(times["epoch"]), median(rates)
+    images_per_s = len(trainer.labels) / epoch
+    floor = rate / model_flops
+    print(
+        f"model FLOPs per training image (forward + backward, upsampling and ConvTranspose2d "
+        f"as defined): {model_flops / 1e6:.2f} M; executed by the fused kernels: "
+        f"{executed_flops / 1e6:.2f} M"
+    )
+    print(f"matrix product (2048 x 2048, float32): {rate / 1e9:.1f} GFLOP/s")
+    print(
+        f"trainer: {epoch:.3f} s per epoch of {len(trainer.labels)} images = "
+        f"{images_per_s:.0f} images/s; the arithmetic limit is {floor:.0f} images/s"
+    )
+    print(
+        f"fraction of the limit: {images_per_s / floor:.3f} "
+        f"(by executed FLOPs: {images_per_s * executed_flops / rate:.3f})"
+    )
+    return {
+        "model_mflops_per_image": model_flops / 1e6,
+        "executed_mflops_per_image": executed_flops / 1e6,
+        "matmul_gflops": rate / 1e9,
+        "images_per_s": images_per_s,
+        "fraction_of_limit": images_per_s / floor,
+    }
+
+
+# --- plain ------------------------------------------------------------------------------
+
+
+def plain(args) -> dict:
+    config = TrainConfig()
+    dataset = load_dataset(config)
+    trainer = Trainer(config, dataset, device="cpu")
+    loop = PlainLoop(config, dataset)
+    trainer.train_epoch()
+    loop.train_epoch()
+    times = interleaved({"plain": loop.train_epoch, "trainer": trainer.train_epoch}, args.rounds)
+    plain_s, trainer_s = median(times["plain"]), median(times["trainer"])
+    print(
+        f"seconds per epoch (median of {args.rounds}): plain loop {plain_s:.3f}, "
+        f"trainer {trainer_s:.3f}; speedup {plain_s / trainer_s:.2f}x"
+    )
+    quality = learning_comparison(args.epochs)
+    return {"plain_s": plain_s, "trainer_s": trainer_s, "speedup": plain_s / trainer_s, **quality}
+
+
+def learning_comparison(epochs: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Train both ways for ``epochs`` with each seed; print every metric's mean and spread."""
+    state = digit_classifier.load_state()
+    results: dict[str, dict[str, list[float]]] = {"plain": {}, "trainer": {}}
+    for seed in seeds:
+        config = TrainConfig(seed=seed)
+        dataset = load_dataset(config)
+        trainer = Trainer(config, dataset, state, device="cpu")
+        loop = PlainLoop(config, dataset)
+        for _ in range(epochs):
+            trainer.train_epoch()
+            loop.train_epoch()
+        for name, evaluated in (
+            ("trainer", trainer.evaluate()),
+            ("plain", loop.to_trainer(dataset, state).evaluate()),
+        ):
+            for metric in METRIC_NAMES:
+                results[name].setdefault(metric, []).append(evaluated[metric])
+    print(f"metrics after {epochs} epochs, mean +- sd over seeds {list(seeds)}:")
+    for metric in METRIC_NAMES:
+        cells = []
+        for name in ("plain", "trainer"):
+            values = torch.tensor(results[name][metric])
+            cells.append(f"{name} {values.mean():.4f} +- {values.std():.4f}")
+        print(f"  {metric:26s} " + "   ".join(cells))
+    return {"learning": results}
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def reference_evaluate(trainer: Trainer) -> None:
+    """The evaluation as first written: two generator passes in chunks of 4,096, the module
+    path of the generator, the classifier in chunks of 2,048 and scikit-learn's probe."""
+    generator = trainer.generator.eval()
+    codes = trainer.codes
+    with torch.no_grad():
+
+        def decode(c, z):
+            return torch.cat(
+                [
+                    reference_forward(generator, a, b)
+                    for a, b in zip(c.split(4096), z.split(4096), strict=True)
+                ]
+            )
+
+        m.recon_error(decode(codes.classes[trainer.labels], codes.content), trainer.images)
+        swaps = decode(codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources])
+        model = digit_classifier.build(digit_classifier.load_state())
+        predicted = torch.cat([model(chunk).argmax(1) for chunk in swaps.split(2048)])
+        m.class_fidelity(predicted, trainer.swaps.targets)
+        m.style_transfer(
+            trainer.source_attributes, m.style_attributes(swaps), trainer.swaps.targets
+        )
+        sklearn_leakage(codes.content, trainer.labels, trainer.config.seed)
+    generator.train()
+
+
+def evaluation_parts(trainer: Trainer) -> dict:
+    """Time the parts of Trainer.evaluate() one by one."""
+    codes = trainer.codes
+    with torch.no_grad():
+        decode_s = timed(
+            lambda: trainer.generate(
+                torch.cat([codes.classes[trainer.labels], codes.classes[trainer.swaps.targets]]),
+                torch.cat([codes.content, codes.content[trainer.swaps.sources]]),
+            )
+        )
+        swaps = trainer.generate(
+            codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources]
+        )
+        return {
+            "decode": decode_s,
+            "classifier": timed(lambda: digit_classifier.predict(trainer.classifier, swaps)),
+            "style": timed(lambda: m.style_attributes(swaps)),
+            "leakage": timed(
+                lambda: m.content_leakage(codes.content, trainer.labels, trainer.config.seed)
+            ),
+        }
+
+
+def metrics(args) -> dict:
+    trainer = _default_trainer(classifier=True)
+    trainer.train_epoch()
+    trainer.evaluate()
+    reference_evaluate(trainer)  # warm-up: imports scikit-learn
+    times = interleaved(
+        {
+            "train": trainer.train_epoch,
+            "evaluate": trainer.evaluate,
+            "reference": lambda: reference_evaluate(trainer),
+        },
+        args.rounds,
+    )
+    train_s, eval_s, reference_s = (median(times[k]) for k in ("train", "evaluate", "reference"))
+    parts = {k: median(v) for k, v in _collect(evaluation_parts, trainer, args.rounds).items()}
+    print(
+        f"seconds (median of {args.rounds}): train_epoch {train_s:.3f}, evaluate {eval_s:.3f} "
+        f"(first version {reference_s:.3f}, {reference_s / eval_s:.1f}x slower)"
+    )
+    print("evaluate parts: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    schedules = {
+        "every epoch": set(range(1, 21)),
+        "ASHA rungs 2 6 18 and the last epoch": {2, 6, 18, 20},
+        "every 5 epochs, rungs and the last": {2, 5, 6, 10, 15, 18, 20},
+    }
+    shares = {}
+    print("share of a 20-epoch trial's time in metrics:")
+    for name, epochs in schedules.items():
+        share = len(epochs) * eval_s / (20 * train_s + len(epochs) * eval_s)
+        shares[name] = share
+        print(f"  {name:40s} {share:.2f}")
+    differences = leakage_agreement(trainer, epochs=10)
+    print(
+        f"content_leakage, PyTorch L-BFGS probe minus scikit-learn's, over 10 more epochs: "
+        f"max |difference| {max(map(abs, differences)):.4f} (one of 400 held-out codes = 0.0025)"
+    )
+    return {
+        "train_s": train_s,
+        "evaluate_s": eval_s,
+        "reference_evaluate_s": reference_s,
+        "parts": parts,
+        "shares": shares,
+        "leakage_differences": differences,
+    }
+
+
+def sklearn_leakage(codes: torch.Tensor, labels: torch.Tensor, seed: int) -> float:
+    """content_leakage as first written, with scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, x_test, y_train, y_test = train_test_split(
+        codes.detach().double().numpy(), labels.numpy(), test_size=0.2, random_state=seed
+    )
+    scaler = StandardScaler().fit(x_train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings at max_iter
+        probe = LogisticRegression(max_iter=300).fit(scaler.transform(x_train), y_train)
+    return float(probe.score(scaler.transform(x_test), y_test))
+
+
+def leakage_agreement(trainer: Trainer, epochs: int) -> list[float]:
+    """Train on; after each epoch return our probe's accuracy minus scikit-learn's."""
+    differences = []
+    for _ in range(epochs):
+        trainer.train_epoch()
+        codes, labels, seed = trainer.codes.content, trainer.labels, trainer.config.seed
+        differences.append(
+            m.content_leakage(codes, labels, seed) - sklearn_leakage(codes, labels, seed)
+        )
+    return differences
+
+
+def _collect(function, trainer: Trainer, rounds: int) -> dict[str, list[float]]:
+    collected: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for key, value in function(trainer).items():
+            collected.setdefault(key, []).append(value)
+    return collected
+
+
+# --- kernels ----------------------------------------------------------------------------
+
+
+def kernels(args) -> dict:
+    """Forward and backward of each upsample + transposed-conv stage on a batch of 32."""
+    figures = {}
+    for name, channels_in, channels_out, size, padding in (
+        ("5x5 -> 14x14, 16 -> 16 channels", 16, 16, 5, 0),
+        ("14x14 -> 28x28, 16 -> 1 channel", 16, 1, 14, 2),
+    ):
+        reference_ms, fused_ms = _time_stage(channels_in, channels_out, size, padding, args.rounds)
+        print(
+            f"{name}: upsample + conv_transpose2d {reference_ms:.2f} ms, fused "
+            f"{fused_ms:.2f} ms (forward + backward); {reference_ms / fused_ms:.1f}x"
+        )
+        figures[name] = {"reference_ms": reference_ms, "fused_ms": fused_ms}
+    return figures
+
+
+def _time_stage(
+    channels_in: int, channels_out: int, size: int, padding: int, rounds: int, repeat: int = 50
+) -> tuple[float, float]:
+    """Return milliseconds per call of the module path and of the fused kernel."""
+    x = torch.randn(32, channels_in, size, size, requires_grad=True)
+    x_last = x.detach().permute(0, 2, 3, 1).contiguous().requires_grad_()
+    weight = torch.randn(channels_in, channels_out, 5, 5, requires_grad=True)
+    bias = torch.randn(channels_out, requires_grad=True)
+
+    def reference():
+        for _ in range(repeat):
+            upsampled = F.interpolate(x, scale_factor=2)
+            F.conv_transpose2d(upsampled, weight, bias, padding=padding).sum().backward()
+
+    def fused():
+        for _ in range(repeat):
+            upsample_conv_transpose(x_last, weight, bias, padding).sum().backward()
+
+    times = interleaved({"reference": reference, "fused": fused}, rounds)
+    return (median(times["reference"]) / repeat * 1e3, median(times["fused"]) / repeat * 1e3)
+
+
+# --- memory -----------------------------------------------------------------------------
+
+MEMORY_SCRIPT = """
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from glo_search import classifier
+from glo_search.config import TrainConfig
+from glo_search.data import load_dataset
+from glo_search.trainer import Trainer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+config = TrainConfig(**{changes})
+trainer = Trainer(config, load_dataset(config), classifier.load_state(), device="cpu")
+for _ in range(2):
+    trainer.train_epoch()
+    trainer.evaluate()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"imports_mib": before / 1024, "peak_mib": after / 1024}}))
+"""
+
+
+def memory(args) -> dict:
+    """Peak resident memory of a process that trains one trial (ru_maxrss, Linux KiB)."""
+    figures = {}
+    for name, changes in (
+        ("default", {}),
+        ("largest of the default space", {"class_dim": 64, "content_dim": 128}),
+    ):
+        script = MEMORY_SCRIPT.format(root=str(ROOT), changes=changes)
+        output = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        values = json.loads(output.strip().splitlines()[-1])
+        print(
+            f"{name} config: peak RSS {values['peak_mib']:.0f} MiB, of which "
+            f"{values['imports_mib']:.0f} MiB after importing torch and glo_search"
+        )
+        figures[name] = values
+    return figures
+
+
+FIGURES = {
+    "arithmetic": arithmetic,
+    "plain": plain,
+    "metrics": metrics,
+    "kernels": kernels,
+    "memory": memory,
+}
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = main()
+    print(f"({time.perf_counter() - started:.0f} s)")
+    sys.exit(code)

@@ -1,0 +1,31 @@
+"""Metrics every eval_every epochs, at the last epoch and at the scheduler's rungs."""
+
+import pandas as pd
+import pytest
+
+from glo_search.config import TrainConfig
+from glo_search.single import train_run
+from glo_search.trainer import evaluation_due
+
+
+@pytest.mark.parametrize(
+    ("eval_every", "milestones", "expected"),
+    [
+        (1, (), [1, 2, 3, 4, 5, 6, 7]),
+        (3, (), [3, 6, 7]),
+        (3, (1, 4), [1, 3, 4, 6, 7]),
+        (10, (2,), [2, 7]),
+    ],
+)
+def test_evaluation_due_epochs(eval_every, milestones, expected):
+    config = TrainConfig(epochs=7, eval_every=eval_every)
+    due = [epoch for epoch in range(1, 8) if evaluation_due(epoch, config, milestones)]
+    assert due == expected
+
+
+def test_train_run_evaluates_every_k_epochs(tmp_path):
+    config = TrainConfig(num_images=100, swap_sources=20, epochs=3, eval_every=2)
+    history = train_run(config, tmp_path)
+    assert [row["epoch"] for row in history] == [2, 3]
+    epochs = pd.read_parquet(tmp_path / "epochs.parquet")
+    assert epochs["epoch"].tolist() == [2, 3]
