@@ -203,10 +203,11 @@ def ensure_ray(
     only). A cluster's dashboard is set where the cluster starts (`ray start
     --dashboard-host`).
     """
+    options = ray_init_options(address, num_cpus, dashboard_host)  # checks the request
     if ray.is_initialized():
         return
     try:
-        ray.init(**ray_init_options(address, num_cpus, dashboard_host))
+        ray.init(**options)
     except ConnectionError as error:
         raise ConfigError(
             f"cannot connect to the Ray cluster at --address {address}: {error}"
