@@ -1,8 +1,8 @@
 """Verdicts on the hand-tuned study's claims, from the folders that glo_search.study wrote.
 
 Every comparison runs over seeds. A difference counts as clear when it exceeds twice its
-standard error (the per-seed spread of both sides, combined); a smaller difference in
-the claimed direction is ``unclear``, and a clear difference against it means the claim
+standard error, which combines the per-seed spread of both sides. A smaller difference
+in the claimed direction is ``unclear``. A clear difference against it means the claim
 ``does not hold``.
 """
 
@@ -92,7 +92,7 @@ def compare(a: pd.Series, b: pd.Series) -> str:
 
 
 def combine(verdicts: Iterable[str]) -> str:
-    """All parts hold: holds. Any part fails: does not hold. Otherwise unclear."""
+    """Combine parts: holds when all hold, does not hold when any fails, else unclear."""
     verdicts = list(verdicts)
     if verdicts and all(v == HOLDS for v in verdicts):
         return HOLDS
@@ -102,7 +102,11 @@ def combine(verdicts: Iterable[str]) -> str:
 
 
 def _threshold(holds: bool, fails: bool) -> str:
-    return HOLDS if holds else FAILS if fails else UNCLEAR
+    if holds:
+        return HOLDS
+    if fails:
+        return FAILS
+    return UNCLEAR
 
 
 def _values(data: StudyData, value, column: str) -> pd.Series:
@@ -433,7 +437,7 @@ def claim_neighbours(data: StudyData, epochs_trained: int) -> Finding:
     for values, claimed in ((zero, 0.5), (tenth, 0.6)):
         mean, _, _ = seed_summary(values)
         gap = abs(mean - claimed)
-        checks.append(HOLDS if gap <= 0.1 else FAILS if gap > 0.2 else UNCLEAR)
+        checks.append(_threshold(gap <= 0.1, gap > 0.2))
     table = pd.DataFrame(
         [
             {
