@@ -125,99 +125,43 @@ def _add_sweep(commands) -> None:
         "search space, ASHA stops weak trials early, and results go to "
         "STORAGE/NAME (trials.parquet, epochs.parquet, optuna.db, one folder per trial).",
     )
-    sweep.add_argument(
+    _add_search_flags(sweep.add_argument_group("search"))
+    _add_schedule_flags(sweep.add_argument_group("early stopping"))
+    _add_resource_flags(sweep.add_argument_group("resources and output"))
+    _add_ray_flags(sweep)
+    _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
+
+
+def _add_search_flags(group) -> None:
+    group.add_argument(
         "--space",
         default="default",
         help="search space name (see `glo-search spaces`) or a .py file "
         "defining SPACE (default: default)",
     )
-    sweep.add_argument(
+    group.add_argument(
         "--num-samples", type=int, default=16, help="number of trials (default: 16)"
     )
-    sweep.add_argument(
-        "--max-epochs",
-        type=int,
-        default=20,
-        help="epochs of a trial that is never stopped early; ASHA's max_t "
-        "(default: 20; unit: epochs)",
-    )
-    sweep.add_argument(
+    group.add_argument(
         "--metric",
         default="disentanglement",
         choices=list(METRICS),
         metavar="METRIC",
         help=_metric_help(),
     )
-    sweep.add_argument(
-        "--scheduler",
-        default="asha",
-        choices=["asha", "hyperband", "median", "fifo"],
-        help="early-stopping scheduler (default: asha)",
-    )
-    sweep.add_argument(
+    group.add_argument(
         "--sampler",
         default="tpe",
         choices=["tpe", "random"],
         help="Optuna sampler (default: tpe)",
     )
-    sweep.add_argument(
-        "--grace-period",
-        type=int,
-        default=None,
-        help="epochs before a trial can be stopped (ASHA, median) "
-        "(default: 2, or --max-epochs when smaller; unit: epochs)",
-    )
-    sweep.add_argument(
-        "--reduction-factor",
-        type=float,
-        default=3,
-        help="ASHA/HyperBand eta: a rung keeps the best 1/eta of trials (default: 3)",
-    )
-    sweep.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=None,
-        help="trials running at once (default: as many as CPUs/GPUs allow)",
-    )
-    sweep.add_argument(
-        "--cpus-per-trial",
-        type=float,
-        default=1,
-        help="CPUs reserved per trial, also its torch threads (default: 1)",
-    )
-    sweep.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        default=0,
-        help="GPUs per trial, fractions allowed, e.g. 0.25 (default: 0)",
-    )
-    sweep.add_argument(
-        "--storage",
-        default="glo-runs",
-        help="folder, or URI that pyarrow.fs understands (file:///..., s3://bucket/...), "
-        "under which the experiment folder is made; on a cluster every node must reach "
-        "it (default: glo-runs)",
-    )
-    sweep.add_argument(
-        "--name",
-        default=None,
-        help="experiment folder name (default: <space>-<date>-<time>)",
-    )
-    sweep.add_argument(
+    group.add_argument(
         "--seed",
         type=int,
         default=0,
         help="seed of the sampler and of every trial's training (default: 0)",
     )
-    _add_ray_flags(sweep)
-    sweep.add_argument(
-        "--max-failures",
-        type=int,
-        default=DEFAULT_MAX_FAILURES,
-        help="times a crashed trial is restarted from its latest checkpoint before it "
-        f"counts as an error (default: {DEFAULT_MAX_FAILURES})",
-    )
-    sweep.add_argument(
+    group.add_argument(
         "--points",
         type=Path,
         default=None,
@@ -225,7 +169,75 @@ def _add_sweep(commands) -> None:
         help="JSON or YAML list of configurations to evaluate first (warm start); keys "
         "must be keys the search space varies (default: none)",
     )
-    _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
+
+
+def _add_schedule_flags(group) -> None:
+    group.add_argument(
+        "--max-epochs",
+        type=int,
+        default=20,
+        help="epochs of a trial that is never stopped early; ASHA's max_t "
+        "(default: 20; unit: epochs)",
+    )
+    group.add_argument(
+        "--scheduler",
+        default="asha",
+        choices=["asha", "hyperband", "median", "fifo"],
+        help="early-stopping scheduler (default: asha)",
+    )
+    group.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="epochs before a trial can be stopped (ASHA, median) "
+        "(default: 2, or --max-epochs when smaller; unit: epochs)",
+    )
+    group.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=3,
+        help="ASHA/HyperBand eta: a rung keeps the best 1/eta of trials (default: 3)",
+    )
+
+
+def _add_resource_flags(group) -> None:
+    group.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials running at once (default: as many as CPUs/GPUs allow)",
+    )
+    group.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=1,
+        help="CPUs reserved per trial, also its torch threads (default: 1)",
+    )
+    group.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0,
+        help="GPUs per trial, fractions allowed, e.g. 0.25 (default: 0)",
+    )
+    group.add_argument(
+        "--max-failures",
+        type=int,
+        default=DEFAULT_MAX_FAILURES,
+        help="times a crashed trial is restarted from its latest checkpoint before it "
+        f"counts as an error (default: {DEFAULT_MAX_FAILURES})",
+    )
+    group.add_argument(
+        "--storage",
+        default="glo-runs",
+        help="folder, or URI that pyarrow.fs understands (file:///..., s3://bucket/...), "
+        "under which the experiment folder is made; on a cluster every node must reach "
+        "it (default: glo-runs)",
+    )
+    group.add_argument(
+        "--name",
+        default=None,
+        help="experiment folder name (default: <space>-<date>-<time>)",
+    )
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
