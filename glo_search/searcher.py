@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -84,8 +85,10 @@ class GloOptunaSearch(OptunaSearch):
         self.__dict__.update(state)  # the study opens on first use: see _ensure_study
 
     def save(self, checkpoint_path: str) -> None:
+        # cloudpickle stores a define-by-run space loaded from a user's .py file by value;
+        # plain pickle would look its module up by name, which no process can import.
         with open(checkpoint_path, "wb") as output:
-            pickle.dump(self.__getstate__(), output)
+            cloudpickle.dump(self.__getstate__(), output)
 
     def restore(self, checkpoint_path: str) -> None:
         relocated_to = self._relocated_to

@@ -221,3 +221,25 @@ def test_sweep_evaluates_at_rungs_and_every_k(ray_session, tmp_path):
     assert experiment["rungs"] == [1, 4]
     epochs = pd.read_parquet(tmp_path / "every3" / "epochs.parquet")
     assert epochs["epoch"].tolist() == [1, 3, 4, 5]
+
+
+def test_sweep_with_define_by_run_space_file(ray_session, tmp_path):
+    space_file = tmp_path / "my_space.py"
+    space_file.write_text(
+        "def SPACE(trial):\n"
+        "    trial.suggest_int('class_dim', 2, 8, log=True)\n"
+        "    return {'content_decay': 0.0}\n"
+    )
+    grid = sweep(
+        str(space_file),
+        num_samples=2,
+        max_epochs=1,
+        base_config={"num_images": 100, "swap_sources": 20},
+        storage=tmp_path / "runs",
+        name="file",
+        verbose=0,
+    )
+    assert not grid.errors
+    trials = pd.read_parquet(tmp_path / "runs" / "file" / "trials.parquet")
+    assert len(trials) == 2
+    assert trials["class_dim"].between(2, 8).all()
