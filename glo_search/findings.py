@@ -57,6 +57,8 @@ def load_experiment(folder: Path, key: str) -> StudyData:
         best = rows[rows["epoch"] == trial["best_epoch"]].iloc[0]
         at_best.append({f"at_best_{n}": best[n] for n in metric_names})
         final.append({f"final_{n}": rows.iloc[-1][n] for n in metric_names})
+    # trials.parquet may carry at_best_* columns already; the ones computed here win.
+    trials = trials.drop(columns=[c for c in trials if c.startswith(("at_best_", "final_"))])
     trials = pd.concat(
         [trials.reset_index(drop=True), pd.DataFrame(at_best), pd.DataFrame(final)], axis=1
     )

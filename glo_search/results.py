@@ -178,19 +178,29 @@ class ResultsWriter(tune.Callback):
 
 
 def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
-    """Best and last value of every metric, and the epoch of the best sweep metric."""
+    """Summarize a trial's epochs for trials.parquet.
+
+    ``best_epoch`` is the epoch of the best sweep metric, whose checkpoint the sweep keeps.
+    For every metric, ``best_<name>`` is its own best over the epochs (possibly from
+    another epoch), ``at_best_<name>`` its value at ``best_epoch`` and ``last_<name>`` its
+    value at the last epoch.
+    """
     summary: dict[str, Any] = {"best_epoch": None}
     best = None
+    best_row = None
     for row in rows:
         if _is_better(row[metric], best, mode):
             best = row[metric]
+            best_row = row
             summary["best_epoch"] = row["epoch"]
     for name, spec in METRICS.items():
         values = [row[name] for row in rows]
         if not values:
-            summary[f"best_{name}"] = summary[f"last_{name}"] = None
+            summary[f"best_{name}"] = summary[f"at_best_{name}"] = None
+            summary[f"last_{name}"] = None
             continue
         summary[f"best_{name}"] = max(values) if spec.mode == "max" else min(values)
+        summary[f"at_best_{name}"] = best_row[name] if best_row is not None else None
         summary[f"last_{name}"] = values[-1]
     return summary
 
@@ -251,8 +261,9 @@ def best_trials_table(trials, metric: str, top: int = 5) -> str:
         "best_epoch",
         "epochs_run",
     ]
+    # The other metrics as they were at the best epoch, the checkpoint the sweep keeps.
     extra = [
-        f"best_{name}"
+        f"at_best_{name}"
         for name in ("recon_error", "content_leakage")
         if f"best_{name}" not in columns
     ]
@@ -271,8 +282,9 @@ def best_trial_summary(trials, epochs, metric: str) -> str:
     best = finished.sort_values(column, ascending=ascending).iloc[0]
     rows = epochs[epochs["trial_id"] == best["trial_id"]].sort_values("epoch")
     best_row = rows[rows["epoch"] == best["best_epoch"]].iloc[0]
+    first = rows.iloc[0]
     return (
         f"best trial {best['trial_id']}: {metric}={best[column]:.4f} at epoch "
         f"{int(best['best_epoch'])}; recon_error {best_row['recon_error']:.4f} there, "
-        f"{rows['recon_error'].iloc[0]:.4f} at epoch 1"
+        f"{first['recon_error']:.4f} at epoch {int(first['epoch'])}, the first evaluated"
     )

@@ -66,6 +66,9 @@ def test_sweep_epochs_parquet_matches_trials(small_sweep):
         assert trials.loc[trial_id, "epochs"] == 2
         assert trials.loc[trial_id, "best_disentanglement"] == rows["disentanglement"].max()
         assert trials.loc[trial_id, "last_recon_error"] == rows["recon_error"].iloc[-1]
+        best_row = rows[rows["epoch"] == trials.loc[trial_id, "best_epoch"]].iloc[0]
+        for name in METRICS:
+            assert trials.loc[trial_id, f"at_best_{name}"] == best_row[name], name
     nearest = epochs[[f"nearest_{k}" for k in range(10)]]
     assert nearest.isin(range(10)).all().all()
 
