@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,26 +61,46 @@ def _metric_help() -> str:
     return f"metric to optimize, one of {', '.join(METRICS)} (default: disentanglement)"
 
 
+def _subcommand(commands, name: str, **options) -> argparse.ArgumentParser:
+    """Add a subcommand that also takes -q after its name."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS leaves the namespace alone unless -q is given, so a -q before the
+    # subcommand's name still counts.
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log warnings and errors only (default: off)",
+    )
+    return commands.add_parser(name, parents=[quiet], **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glo-search",
         description="Hyperparameter search for class/content disentanglement by latent "
         "optimization (GLO) on MNIST digits, with Ray Tune, Optuna and ASHA.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only (default: off)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     _add_train(commands)
     _add_sweep(commands)
     _add_analyze(commands)
     _add_probe(commands)
     _add_resume(commands)
     _add_study(commands)
-    commands.add_parser(
+    _subcommand(
+        commands,
         "spaces",
         help="list the named search spaces",
         description="List the named search spaces and what each varies.",
     )
-    commands.add_parser(
+    _subcommand(
+        commands,
         "classifier",
         help="show (and train on first use) the reference digit classifier",
         description="Show the reference digit classifier's held-out accuracy and cache "
@@ -89,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands) -> None:
-    train = commands.add_parser(
+    train = _subcommand(
+        commands,
         "train",
         help="train one configuration (no Ray) with TensorBoard logs and checkpoints",
         description="Train one GLO configuration and write TensorBoard logs, config.json, "
@@ -118,7 +140,8 @@ def _add_train(commands) -> None:
 
 
 def _add_sweep(commands) -> None:
-    sweep = commands.add_parser(
+    sweep = _subcommand(
+        commands,
         "sweep",
         help="search hyperparameters with Ray Tune, Optuna and ASHA",
         description="Run a hyperparameter sweep: Optuna proposes configurations from the "
@@ -130,6 +153,8 @@ def _add_sweep(commands) -> None:
     _add_resource_flags(sweep.add_argument_group("resources and output"))
     _add_ray_flags(sweep)
     _add_config_flags(sweep, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS], sweep=True)
+    # A sweep's trials share --max-epochs; catch the train command's flag with a hint.
+    sweep.add_argument("--epochs", dest="train_epochs", default=None, help=argparse.SUPPRESS)
 
 
 def _add_search_flags(group) -> None:
@@ -258,7 +283,8 @@ def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_study(commands) -> None:
-    study = commands.add_parser(
+    study = _subcommand(
+        commands,
         "study",
         help="re-run the hand-tuned study and write FINDINGS.md with a verdict per claim",
         description="Run the hand-tuned study's experiments (loss, class_dim, content_dim, "
@@ -298,7 +324,8 @@ def _run_study(args: argparse.Namespace) -> int:
 
 
 def _add_resume(commands) -> None:
-    resume = commands.add_parser(
+    resume = _subcommand(
+        commands,
         "resume",
         help="continue an interrupted sweep from its experiment folder",
         description="Continue a sweep whose driver stopped: finished trials are kept, "
@@ -311,7 +338,8 @@ def _add_resume(commands) -> None:
 
 
 def _add_analyze(commands) -> None:
-    analyze = commands.add_parser(
+    analyze = _subcommand(
+        commands,
         "analyze",
         help="write an HTML report, PNG plots and CSV tables for experiment folders",
         description="Analyze one or several experiment folders of `glo-search sweep` "
@@ -322,7 +350,7 @@ def _add_analyze(commands) -> None:
         "experiments", nargs="+", type=Path, metavar="EXPERIMENT_DIR", help="experiment folder"
     )
     analyze.add_argument(
-        "--out", type=Path, required=True, help="output folder, created if missing"
+        "--out", type=Path, required=True, help="output folder, created if missing (required)"
     )
     analyze.add_argument(
         "--metric",
@@ -352,6 +380,7 @@ def _add_analyze(commands) -> None:
 def _run_analyze(args: argparse.Namespace) -> int:
     from analysis import AnalysisError, analyze
 
+    _check_out_folder(args.out, must_be_empty=False)
     try:
         report = analyze(args.experiments, args.out, args.metric, args.split, args.top)
     except (AnalysisError, ValueError) as error:
@@ -362,7 +391,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _add_probe(commands) -> None:
-    probe = commands.add_parser(
+    probe = _subcommand(
+        commands,
         "probe",
         help="draw one probe triplet and its activation maps from a checkpoint",
         description="Render the content code of one training image with the class code "
@@ -377,13 +407,16 @@ def _add_probe(commands) -> None:
         "of `glo-search train`",
     )
     probe.add_argument(
-        "--class-label", type=int, required=True, help="class whose class code is used"
+        "--class-label",
+        type=int,
+        required=True,
+        help="class whose class code is used, 0-9 (required)",
     )
     probe.add_argument(
         "--content-index",
         type=int,
         required=True,
-        help="index of the training image whose content code is used",
+        help="index of the training image whose content code is used (required)",
     )
     probe.add_argument(
         "--out", type=Path, default=Path("."), help="output folder (default: current folder)"
@@ -406,13 +439,36 @@ def _config_values(args: argparse.Namespace, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def _check_device(device: str | None) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "invalid device='cuda' (--device): torch finds no CUDA GPU on this "
+                "machine; use --device cpu or leave --device out"
+            )
+
+
+def _check_out_folder(out: Path, must_be_empty: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"invalid --out {out}: it is a file; name a folder")
+    if must_be_empty and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"invalid --out {out}: the folder is not empty and would mix two runs; "
+            "name a new folder"
+        )
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from glo_search.single import train_run
 
     config = from_dict(_config_values(args, FIELDS))
     out = args.out or Path("glo-runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_device(args.device)
+    _check_out_folder(out, must_be_empty=True)
     history = train_run(config, out, metric=args.metric, device=args.device)
-    print(f"\nwrote {len(history)} epochs to {out.resolve()}")
+    print(f"\nwrote {len(history)} evaluated epochs to {out.resolve()}")
     print(f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}")
     return 0
 
@@ -420,6 +476,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace) -> int:
     from glo_search.search import make_scheduler, sweep
 
+    if args.train_epochs is not None:
+        raise ConfigError(
+            f"--epochs {args.train_epochs} is for `glo-search train`; a sweep sets every "
+            "trial's epochs with --max-epochs"
+        )
     fixed = _config_values(args, [n for n in FIELDS if n not in SWEEP_OWN_FLAGS])
     fixed["seed"] = args.seed
     scheduler = make_scheduler(
@@ -476,6 +537,8 @@ def _print_summary(grid, metric: str) -> None:
 def _run_probe(args: argparse.Namespace) -> int:
     from glo_search import probes
 
+    _check_device(args.device)
+    _check_out_folder(args.out, must_be_empty=False)
     try:
         trainer = probes.load_for_probes(args.checkpoint, args.device)
         paths = probes.write_probe(
@@ -538,11 +601,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if args.quiet:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as error:
         print(f"glo-search: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("glo-search: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of stdout (e.g. `| head`) closed early; exit without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -157,6 +157,9 @@ def validate(config: TrainConfig) -> None:
     _check_min(config, "swap_sources", 10)
     _check_min(config, "probe_every", 0)
     _check_min(config, "eval_every", 1)
+    _check_min(config, "seed", 0)
+    if config.seed >= 2**32:
+        raise _error("seed", config.seed, "must be below 2**32")
     _check_min(config, "noise_std", 0.0)
     _check_min(config, "content_decay", 0.0)
     _check_min(config, "lr_generator", 0.0, strict=True)

@@ -144,7 +144,7 @@ def _read_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
         raise ConfigError(
             f"invalid perceptual_weights={str(weights_path)!r} (--perceptual-weights): "
-            f"cannot load it with torch.load ({error})"
+            f"cannot load it with torch.load ({str(error).strip().splitlines()[0]})"
         ) from None
     if not isinstance(state, dict):
         raise ConfigError(

@@ -15,6 +15,7 @@ the class image is the training digit nearest its class's mean image.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -253,7 +254,20 @@ def load_for_probes(path: str | Path, device: str = "cpu") -> Trainer:
     from glo_search.data import load_dataset
     from glo_search.trainer import Trainer, read_checkpoint
 
-    state = read_checkpoint(checkpoint_file(path))
+    file = checkpoint_file(path)
+    try:
+        state = read_checkpoint(file)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        raise ProbeError(
+            f"cannot read checkpoint {file}: torch.load(weights_only=True) failed with "
+            f"{type(error).__name__}; expected a trainer.pt, best.pt or last.pt written by "
+            "glo-search"
+        ) from None
+    if not isinstance(state, dict):
+        raise ProbeError(f"{file} is not a glo-search checkpoint: it holds no dict")
+    missing = [key for key in ("config", "generator", "codes", "epoch") if key not in state]
+    if missing:
+        raise ProbeError(f"{file} is not a glo-search checkpoint: it lacks {', '.join(missing)}")
     config = from_dict({**state["config"], "loss": "l1+l2", "perceptual_weights": ""})
     trainer = Trainer(config, load_dataset(config), None, device)
     trainer.generator.load_state_dict(state["generator"])

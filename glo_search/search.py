@@ -357,9 +357,12 @@ def sweep(
     if resolved is not None and isinstance(base_config, dict):
         _check_overlap(resolved, fixed)
     _check_resources(cpus_per_trial, gpus_per_trial, num_samples, max_concurrent)
+    if address is None:
+        _check_local_fit(cpus_per_trial, gpus_per_trial)
     _check_max_failures(max_failures)
     warm_start = _warm_start_points(points, resolved, search_alg, base, num_samples)
     name = name or f"{resolved.name if resolved else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_name(name)
     location = _experiment_location(storage, name)
     _check_data(base)
     classifier_state = classifier.load_state()
@@ -560,6 +563,40 @@ def _check_resources(cpus: float, gpus: float, num_samples: int, max_concurrent)
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(
             f"invalid max_concurrent={max_concurrent} (--max-concurrent): must be >= 1"
+        )
+
+
+def _check_local_fit(cpus: float, gpus: float) -> None:
+    """Reject trial resources that local Ray cannot give, since Ray would wait forever."""
+    if ray.is_initialized():
+        available_cpus = ray.cluster_resources().get("CPU", 0)
+    else:
+        available_cpus = len(os.sched_getaffinity(0))
+    if cpus > available_cpus:
+        raise ConfigError(
+            f"invalid cpus_per_trial={cpus} (--cpus-per-trial): this machine has "
+            f"{available_cpus} CPUs, so no trial could start; lower it or pass --address"
+        )
+    if gpus > 0:
+        import torch
+
+        available_gpus = torch.cuda.device_count()
+        if ray.is_initialized():
+            available_gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus > available_gpus:
+            raise ConfigError(
+                f"invalid gpus_per_trial={gpus} (--gpus-per-trial): this machine has "
+                f"{available_gpus} CUDA GPUs, so no trial could start; lower it or pass "
+                "--address"
+            )
+
+
+def _check_name(name: str) -> None:
+    """Reject experiment names that would leave --storage or nest folders."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ConfigError(
+            f"invalid --name {name!r}: use a plain folder name without '/' that does not "
+            "start with '.'"
         )
 
 

@@ -38,9 +38,11 @@ def train_run(
     """
     mode = metric_mode(metric)
     out_dir = Path(out_dir)
+    # Data, classifier, feature network and device load before anything is written, so a
+    # run that cannot start leaves no folder behind.
+    trainer = Trainer(config, load_dataset(config), classifier.load_state(), device)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    trainer = Trainer(config, load_dataset(config), classifier.load_state(), device)
     logger.info("training on %s: %s", trainer.device, config)
     log = TrainingLog(out_dir / "tensorboard", config, metric)
     history: list[dict[str, Any]] = []

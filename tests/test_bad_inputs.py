@@ -39,6 +39,41 @@ REPORT_POINT = {"class_dim": 7, "content_dim": 25, "noise_std": 0.3, "content_de
 
 CASES = [
     Case("dim-below-1", "class code size below 1", "train --class-dim 0", "class_dim=0"),
+    Case("negative-seed", "negative seed", "train --seed -1", "seed=-1"),
+    Case(
+        "train-out-not-empty",
+        "train into a folder that holds an earlier run",
+        "train --epochs 1 --out {tmp}/runs/taken",
+        "not empty",
+        (("runs/taken/config.json", "{}"),),
+    ),
+    Case(
+        "out-is-file",
+        "--out naming a file",
+        "train --epochs 1 --out {tmp}/notes.txt",
+        "it is a file",
+        (("notes.txt", "earlier notes"),),
+    ),
+    Case(
+        "probe-not-checkpoint",
+        "probe of a file that is not a checkpoint",
+        "probe {tmp}/model.pth --class-label 1 --content-index 2",
+        "cannot read checkpoint",
+        (("model.pth", "not a checkpoint"),),
+    ),
+    Case("sweep-epochs", "--epochs given to a sweep", "sweep --epochs 3", "--max-epochs"),
+    Case(
+        "name-with-slash",
+        "experiment name that leaves the storage folder",
+        "sweep --name ../escape",
+        "'../escape'",
+    ),
+    Case(
+        "too-many-cpus",
+        "trial that needs more CPUs than the machine has",
+        "sweep --cpus-per-trial 4096",
+        "cpus_per_trial=4096",
+    ),
     Case("negative-sigma", "negative content noise", "train --noise-std -1", "noise_std=-1"),
     Case("unknown-loss", "unknown reconstruction loss", "train --loss huber", "huber"),
     Case("zero-lr", "learning rate of 0", "train --lr-generator 0", "lr_generator=0"),
@@ -214,7 +249,8 @@ def command_line(case: Case, tmp: Path) -> list[str]:
     if command.startswith("sweep"):
         command += f" {SMALL} --num-samples 2" if "--num-samples" not in command else f" {SMALL}"
     elif command.startswith("train"):
-        command += f" --epochs 1 --out {tmp}/train"
+        command += "" if "--epochs" in command else " --epochs 1"
+        command += "" if "--out" in command else f" --out {tmp}/train"
     return shlex.split(command)
 
 

@@ -17,14 +17,20 @@ def _help(*command: str) -> str:
     return subparsers.choices[command[0]].format_help()
 
 
-@pytest.mark.parametrize("command", ["train", "sweep"])
+@pytest.mark.parametrize(
+    "command", ["train", "sweep", "resume", "analyze", "probe", "study", "spaces", "classifier"]
+)
 def test_help_describes_every_option_with_default(command):
+    import argparse
+
     options = [a for a in build_parser()._actions if a.dest == "command"][0].choices[command]
     for action in options._actions:
-        if action.dest == "help":
+        if action.dest == "help" or action.help == argparse.SUPPRESS:
             continue
+        if not action.option_strings:
+            continue  # positional arguments have no default
         assert action.help, action.dest
-        assert "default" in action.help, action.dest
+        assert "default" in action.help or "(required)" in action.help, action.dest
 
 
 def test_help_lists_hyperparameter_flags():
