@@ -440,6 +440,11 @@ def parse_split(text: str) -> Split:
     column, op, raw = match.groups()
     op = "==" if op == "=" else op
     raw = raw.strip("'\"")
+    if not raw or raw[0] in "<>=!":
+        raise ValueError(
+            f"invalid split {text!r}: {raw!r} is not a value; write COLUMN OP VALUE with OP "
+            f"one of {', '.join(OPERATORS)}, for example 'content_decay > 0'"
+        )
     try:
         value: Any = float(raw)
     except ValueError:

@@ -562,3 +562,10 @@ def test_study_with_best_values_scores_pruned_trials():
     scored = study_with_best_values(study, trials, "disentanglement")
     assert [t.value for t in scored.trials] == [0.5, 0.7]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in scored.trials)
+
+
+def test_parse_split_rejects_doubled_operator():
+    from analysis.tables import parse_split
+
+    with pytest.raises(ValueError, match="is not a value"):
+        parse_split("content_decay >> 0")
