@@ -124,7 +124,8 @@ def variant_table(data: StudyData, columns: list[str]) -> pd.DataFrame:
     """Mean ± sd over seeds of each column, one row per value of the varied key."""
     rows = []
     for value, group in data.trials.groupby(data.key, sort=True):
-        row = {data.key: value, "seeds": len(group)}
+        shown = f"{value:g}" if isinstance(value, float) else value  # 0.0001, not 0.000
+        row = {data.key: shown, "seeds": len(group)}
         for column in columns:
             mean, sd, _ = seed_summary(group[column])
             row[column] = f"{mean:.3f} ± {sd:.3f}"
