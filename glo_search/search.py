@@ -575,7 +575,7 @@ def _check_local_fit(cpus: float, gpus: float) -> None:
     if cpus > available_cpus:
         raise ConfigError(
             f"invalid cpus_per_trial={cpus} (--cpus-per-trial): this machine has "
-            f"{available_cpus} CPUs, so no trial could start; lower it or pass --address"
+            f"{available_cpus:g} CPUs, so no trial could start; lower it or pass --address"
         )
     if gpus > 0:
         import torch
@@ -586,7 +586,7 @@ def _check_local_fit(cpus: float, gpus: float) -> None:
         if gpus > available_gpus:
             raise ConfigError(
                 f"invalid gpus_per_trial={gpus} (--gpus-per-trial): this machine has "
-                f"{available_gpus} CUDA GPUs, so no trial could start; lower it or pass "
+                f"{available_gpus:g} CUDA GPUs, so no trial could start; lower it or pass "
                 "--address"
             )
 
