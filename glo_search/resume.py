@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray import tune
 
-from glo_search import classifier
+from glo_search import classifier, rungs
 from glo_search.config import ConfigError, from_dict
 from glo_search.results import ResultsWriter
 from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
@@ -70,9 +70,9 @@ def resume(
     Restoring unpickles Tune's saved state, which runs code stored in the folder: resume
     only folders that you or your sweeps wrote.
 
-    NOTE: Ray Tune (2.60) does not save the scheduler's state, so ASHA starts the resumed
-    part with empty rungs. Trials are then compared only with trials that reach a rung
-    after the resume, and a rung stops nothing until enough of them arrive.
+    Ray Tune (2.60) does not save the scheduler's state, so an ASHA scheduler's rungs are
+    refilled from the results recorded before the interruption (see glo_search.rungs).
+    Other schedulers start the resumed part with the state they had when the sweep began.
 
     Args:
         experiment: the experiment folder, as `glo-search sweep` printed it.
@@ -110,6 +110,13 @@ def resume(
         storage_filesystem=None if location.is_local else location.filesystem,
     )
     searcher = _relocate(tuner, location)
+    rungs.refill(
+        _restored_scheduler(tuner),
+        location,
+        _restored_trials(tuner),
+        settings["metric"],
+        settings["mode"],
+    )
     logger.info("resuming the sweep in %s", location.uri)
     try:
         return tuner.fit()
@@ -140,6 +147,22 @@ def _check_classifier(settings: dict[str, Any]) -> None:
             current.get("held_out_accuracy"),
             settings["classifier"].get("held_out_accuracy"),
         )
+
+
+def _restored_scheduler(tuner: tune.Tuner):
+    # NOTE: the same private TunerInternal attribute as in _relocate (Ray 2.60).
+    return tuner._local_tuner._tune_config.scheduler
+
+
+def _restored_trials(tuner: tune.Tuner) -> list | None:
+    """Return the trial records of Tune's saved state, or None if Tune could not read them.
+
+    Tuner.restore (Ray 2.60) loads them into an ExperimentAnalysis that it keeps in a
+    private attribute (None when loading failed). Reading them again would fetch every
+    trial's result.json a second time.
+    """
+    analysis = tuner._local_tuner._experiment_analysis
+    return None if analysis is None else analysis.trials
 
 
 def _relocate(tuner: tune.Tuner, location: ExperimentLocation) -> GloOptunaSearch | None:
