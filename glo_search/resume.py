@@ -81,7 +81,12 @@ def resume(
         address: a Ray cluster address; default: start Ray in this process.
         dashboard_host: start Ray's dashboard bound to this address (local Ray only).
     """
-    from glo_search.search import ensure_ray, make_trainable, rung_epochs
+    from glo_search.search import (
+        configure_tune_environment,
+        ensure_ray,
+        make_trainable,
+        rung_epochs,
+    )
 
     location = open_experiment(experiment)
     settings = read_settings(location)
@@ -91,6 +96,7 @@ def resume(
     classifier_state = classifier.load_state()
     _check_classifier(settings)
     ensure_ray(address, dashboard_host=dashboard_host)
+    configure_tune_environment()
 
     trainable = make_trainable(
         base.to_dict(),
