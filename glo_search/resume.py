@@ -144,14 +144,26 @@ def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:
     return resolve(source, base).space
 
 
+# Fields of the classifier info that class_fidelity depends on. The weights path is left
+# out because it changes with GLO_SEARCH_CACHE.
+CLASSIFIER_IDENTITY = ("version", "held_out_accuracy", "train_indices", "held_out_indices")
+
+
 def _check_classifier(settings: dict[str, Any]) -> None:
+    recorded = settings.get("classifier")
+    if recorded is None:
+        return
     current = json.loads(json.dumps(asdict(classifier.load_info())))  # tuples as lists
-    if settings.get("classifier") not in (None, current):
+    changes = [
+        f"{key} {current[key]} now, {recorded.get(key)} then"
+        for key in CLASSIFIER_IDENTITY
+        if recorded.get(key) != current[key]
+    ]
+    if changes:
         logger.warning(
-            "the reference classifier differs from the one the sweep started with "
-            "(%s now, %s then): class_fidelity of resumed trials is not comparable",
-            current.get("held_out_accuracy"),
-            settings["classifier"].get("held_out_accuracy"),
+            "the reference classifier differs from the one the sweep started with (%s): "
+            "class_fidelity of resumed trials is not comparable with earlier trials",
+            "; ".join(changes),
         )
 
 
