@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -505,8 +506,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         points=args.points,
         dashboard_host=args.dashboard,
     )
-    _print_summary(grid, args.metric)
-    return 0
+    return _print_summary(grid, args.metric)
 
 
 def _run_resume(args: argparse.Namespace) -> int:
@@ -514,24 +514,54 @@ def _run_resume(args: argparse.Namespace) -> int:
     from glo_search.storage import open_experiment
 
     grid = resume(args.experiment, address=args.address, dashboard_host=args.dashboard)
-    _print_summary(grid, read_settings(open_experiment(args.experiment))["metric"])
-    return 0
+    return _print_summary(grid, read_settings(open_experiment(args.experiment))["metric"])
 
 
-def _print_summary(grid, metric: str) -> None:
-    from glo_search.results import best_trial_summary, best_trials_table, read_experiment
+# Exit status of a sweep that stopped before all its trials finished, as for a shell
+# command ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT_STATUS = 130
+
+
+def _print_summary(grid, metric: str) -> int:
+    """Print the best trials and where the results are, and return the exit status.
+
+    A sweep with fewer finished trials than it requested, or with trials still marked
+    running, was interrupted (for example by Ctrl-C). Its table is then marked partial,
+    and the exit status is INTERRUPTED_EXIT_STATUS.
+    """
+    from glo_search.results import (
+        FINAL_STATUSES,
+        best_trial_summary,
+        best_trials_table,
+        read_experiment,
+    )
+    from glo_search.resume import read_settings
     from glo_search.searcher import STUDY_FILE
     from glo_search.storage import ExperimentLocation
 
     location = ExperimentLocation.of_result_grid(grid)
     trials, epochs = read_experiment(location)
+    requested = read_settings(location)["num_samples"]
+    statuses = trials["status"] if "status" in trials else []
+    finished = sum(status in FINAL_STATUSES for status in statuses)
+    interrupted = finished < requested or "running" in set(statuses)
     print()
+    if interrupted:
+        print("partial results: the sweep stopped before all its trials finished")
     print(best_trials_table(trials, metric))
-    print(best_trial_summary(trials, epochs, metric))
+    if not trials.empty:
+        print(best_trial_summary(trials, epochs, metric))
     print(f"\nexperiment folder: {location.uri}")
     print(f"Optuna study: {location.uri}/{STUDY_FILE}")
     if grid.errors:
         print(f"{len(grid.errors)} trial(s) failed; see the error.txt in their trial folders")
+    if not interrupted:
+        return 0
+    print(
+        f"sweep interrupted: {finished} of {requested} trials finished; "
+        f"continue with: glo-search resume {shlex.quote(location.uri)}"
+    )
+    return INTERRUPTED_EXIT_STATUS
 
 
 def _run_probe(args: argparse.Namespace) -> int:

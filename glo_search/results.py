@@ -1,21 +1,25 @@
 """trials.parquet and epochs.parquet: the sweep's results as tables.
 
 A Tune callback in the driver collects every reported epoch and rewrites both files
-atomically whenever a trial ends (and at most every FLUSH_SECONDS while trials run), so
-a killed driver loses at most the last few seconds of results.
+atomically whenever a trial ends (and at most every FLUSH_SECONDS while trials run). A
+killed driver can lose the rows of the last few seconds. On resume the callback takes
+them back from the result.json file that Ray Tune keeps in each trial folder.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray import tune
+from ray.tune.experiment import Trial
 
 from glo_search.config import FIELDS, ConfigError, from_dict
 from glo_search.io import atomic_write
@@ -27,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+# Ray Tune's JsonLoggerCallback writes one JSON object per reported result into this file
+# of each trial folder. Ray 2.60 copies it into the experiment folder whenever it saves a
+# snapshot of its state, so after a kill it contains the results up to about then.
+RESULT_FILE = "result.json"
 FLUSH_SECONDS = 10.0
 EPOCH_COLUMNS = ("epoch", "train_loss", "diverged", "time_total_s", "node_id")
 STATUSES = ("running", "completed", "stopped", "diverged", "error")
@@ -68,20 +76,40 @@ class ResultsWriter(tune.Callback):
         self.experiment_dir = Path(experiment_dir.path)
 
     def setup(self, **info: Any) -> None:
-        """Reload rows written before a resume, so finished trials stay in the files."""
+        """Reload rows written before a resume, so finished trials stay in the files.
+
+        Rows that epochs.parquet lacks because the driver was killed between two flushes
+        are taken from the trials' result.json files.
+        """
         location = self.location
-        if location.has_file(TRIALS_FILE) and location.has_file(EPOCHS_FILE):
+        if location.has_file(TRIALS_FILE):
             for row in pq.read_table(location.open_input_file(TRIALS_FILE)).to_pylist():
                 self.trials[row["trial_id"]] = row
-            for row in pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pylist():
-                self.epochs.setdefault(row["trial_id"], []).append(row)
             logger.info("loaded %d earlier trials from %s", len(self.trials), location.uri)
+        finished = {
+            trial_id for trial_id, row in self.trials.items() if row["status"] in FINAL_STATUSES
+        }
+        # A finished trial's rows were flushed when it ended. Its result.json can also
+        # contain results of a rerun that this callback ignored (see the NOTE below).
+        self.epochs, recovered = read_epoch_rows(location, skip=finished)
+        if recovered:
+            for trial_id, row in self.trials.items():
+                if row["status"] == "running":
+                    _summarize_rows(row, self.epochs.get(trial_id, []), self.metric, self.mode)
+            logger.info(
+                "recovered %d epoch rows missing from %s from the trials' %s files",
+                recovered,
+                EPOCHS_FILE,
+                RESULT_FILE,
+            )
+            self.flush()
         # NOTE: Tune saves its state after trial checkpoints, not when a trial ends, so a
         # driver killed just after a trial ended can leave Tune resuming that trial. Its
         # rows stay as they were recorded; the rerun only costs compute.
-        self._finished_before = {
-            trial_id for trial_id, row in self.trials.items() if row["status"] in FINAL_STATUSES
-        }
+        self._finished_before = finished
+        # Set here, not in __init__: a resume unpickles the writer that the sweep built,
+        # and a folder written by an older version has no such attribute.
+        self._started: set[str] = set()
 
     def _ignored(self, trial) -> bool:
         return trial.trial_id in self._finished_before
@@ -90,6 +118,7 @@ class ResultsWriter(tune.Callback):
         if self._ignored(trial):
             logger.warning("trial %s had finished before the resume; Tune runs it again", trial)
             return
+        self._started.add(trial.trial_id)
         self._update_trial(trial, "running")
 
     def on_trial_result(
@@ -98,13 +127,7 @@ class ResultsWriter(tune.Callback):
         if self._ignored(trial):
             return
         rows = self.epochs.setdefault(trial.trial_id, [])
-        epoch = int(result["epoch"])
-        # A trial retried from its checkpoint reports some epochs again: keep the newest.
-        rows[:] = [row for row in rows if row["epoch"] < epoch]
-        row = {"trial_id": trial.trial_id, **{k: result.get(k) for k in EPOCH_COLUMNS}}
-        row.update({name: float(result[name]) for name in METRICS})
-        row.update({f"nearest_{k}": int(result.get(f"nearest_{k}", -1)) for k in range(10)})
-        rows.append(row)
+        add_epoch_row(rows, epoch_row(trial.trial_id, result))
         self._update_trial(trial, "running")
         if time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
@@ -116,9 +139,26 @@ class ResultsWriter(tune.Callback):
         self._finish(trial, error=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Settle the rows of trials that Tune restored as ended, then flush.
+
+        A trial restored as TERMINATED or ERROR from Tune's saved state gets no
+        on_trial_complete, so its row would otherwise stay "running" (or be missing) if the
+        driver was killed before the row was written. Trials that started in this run
+        are left alone, because on an interrupt (Ctrl-C) Tune (2.60) marks the trials
+        still running as TERMINATED without calling on_trial_complete. Their rows must
+        stay "running", so that the sweep shows as interrupted and resume continues them.
+        """
+        for trial in trials:
+            if trial.status not in (Trial.TERMINATED, Trial.ERROR) or self._ignored(trial):
+                continue
+            if trial.trial_id in self._started:
+                continue
+            row = self.trials.get(trial.trial_id)
+            if row is None or row["status"] == "running":
+                self._finish(trial, error=trial.status == Trial.ERROR, flush=False)
         self.flush()
 
-    def _finish(self, trial, error: bool) -> None:
+    def _finish(self, trial, error: bool, flush: bool = True) -> None:
         if self._ignored(trial):
             return
         rows = self.epochs.get(trial.trial_id, [])
@@ -141,7 +181,8 @@ class ResultsWriter(tune.Callback):
             row["best_epoch"],
             {k: row[k] for k in config_keys(trial.config)},
         )
-        self.flush()
+        if flush:
+            self.flush()
 
     def _trial_row(self, trial) -> dict[str, Any]:
         if trial.trial_id not in self.trials:
@@ -162,10 +203,8 @@ class ResultsWriter(tune.Callback):
         row = self._trial_row(trial)
         rows = self.epochs.get(trial.trial_id, [])
         row["status"] = status
-        row["epochs_run"] = rows[-1]["epoch"] if rows else 0
-        row["wall_time_s"] = rows[-1]["time_total_s"] if rows else 0.0
         row["checkpoint_path"] = _best_checkpoint(trial, self.experiment_dir)
-        row.update(summarize(rows, self.metric, self.mode))
+        _summarize_rows(row, rows, self.metric, self.mode)
         return row
 
     def flush(self) -> None:
@@ -175,6 +214,82 @@ class ResultsWriter(tune.Callback):
         epochs = [row for rows in self.epochs.values() for row in rows]
         self.location.write_bytes(TRIALS_FILE, table_bytes(trials))
         self.location.write_bytes(EPOCHS_FILE, table_bytes(epochs))
+
+
+def _summarize_rows(row: dict[str, Any], rows: list[dict[str, Any]], metric: str, mode: str):
+    """Update a trials.parquet row from the trial's epoch rows."""
+    row["epochs_run"] = rows[-1]["epoch"] if rows else 0
+    row["wall_time_s"] = rows[-1]["time_total_s"] if rows else 0.0
+    row.update(summarize(rows, metric, mode))
+
+
+def epoch_row(trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Return the epochs.parquet row of one result that the trainable reported."""
+    row = {"trial_id": trial_id, **{k: result.get(k) for k in EPOCH_COLUMNS}}
+    row["epoch"] = int(result["epoch"])
+    row.update({name: float(result[name]) for name in METRICS})
+    row.update({f"nearest_{k}": int(result.get(f"nearest_{k}", -1)) for k in range(10)})
+    return row
+
+
+def add_epoch_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """Append row to a trial's rows in place, dropping the rows of its epoch and later.
+
+    A trial retried from its checkpoint reports some epochs again, and the newest report
+    wins.
+    """
+    rows[:] = [earlier for earlier in rows if earlier["epoch"] < row["epoch"]]
+    rows.append(row)
+
+
+def read_epoch_rows(
+    location: ExperimentLocation, skip: set[str] = frozenset()
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Read every trial's epoch rows: epochs.parquet plus the rows only result.json has.
+
+    Returns a dict from trial_id to rows sorted by epoch, and the number of rows taken
+    from result.json. Where both files have an epoch, the epochs.parquet row is kept.
+    The result.json rows of trials in ``skip`` are not read.
+    """
+    epochs: dict[str, list[dict[str, Any]]] = {}
+    if location.has_file(EPOCHS_FILE):
+        for row in pq.read_table(location.open_input_file(EPOCHS_FILE)).to_pylist():
+            epochs.setdefault(row["trial_id"], []).append(row)
+    recovered = 0
+    for trial_id, results in _read_result_files(location).items():
+        if trial_id in skip:
+            continue
+        replayed: list[dict[str, Any]] = []
+        for result in results:
+            add_epoch_row(replayed, epoch_row(trial_id, result))
+        rows = epochs.setdefault(trial_id, [])
+        known = {row["epoch"] for row in rows}
+        missing = [row for row in replayed if row["epoch"] not in known]
+        rows.extend(missing)
+        recovered += len(missing)
+    for rows in epochs.values():
+        rows.sort(key=lambda row: row["epoch"])
+    return epochs, recovered
+
+
+def _read_result_files(location: ExperimentLocation) -> dict[str, list[dict[str, Any]]]:
+    """Return the epoch results in the result.json of every trial folder, by trial_id."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    selector = pafs.FileSelector(location.path, allow_not_found=True)
+    for info in location.filesystem.get_file_info(selector):
+        relative = f"{info.base_name}/{RESULT_FILE}"
+        if info.type != pafs.FileType.Directory or not location.has_file(relative):
+            continue
+        for number, line in enumerate(location.read_bytes(relative).splitlines(), 1):
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                # A driver killed while Ray wrote the file can leave its last line cut.
+                logger.warning("skipped unreadable line %d of %s", number, relative)
+                continue
+            if "trial_id" in result and "epoch" in result and all(m in result for m in METRICS):
+                results.setdefault(result["trial_id"], []).append(result)
+    return results
 
 
 def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:

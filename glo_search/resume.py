@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray import tune
 
-from glo_search import classifier
+from glo_search import classifier, rungs
 from glo_search.config import ConfigError, from_dict
 from glo_search.results import ResultsWriter
 from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
@@ -70,9 +70,9 @@ def resume(
     Restoring unpickles Tune's saved state, which runs code stored in the folder: resume
     only folders that you or your sweeps wrote.
 
-    NOTE: Ray Tune (2.60) does not save the scheduler's state, so ASHA starts the resumed
-    part with empty rungs. Trials are then compared only with trials that reach a rung
-    after the resume, and a rung stops nothing until enough of them arrive.
+    Ray Tune (2.60) does not save the scheduler's state, so an ASHA scheduler's rungs are
+    refilled from the results recorded before the interruption (see glo_search.rungs).
+    Other schedulers start the resumed part with the state they had when the sweep began.
 
     Args:
         experiment: the experiment folder, as `glo-search sweep` printed it.
@@ -81,7 +81,12 @@ def resume(
         address: a Ray cluster address; default: start Ray in this process.
         dashboard_host: start Ray's dashboard bound to this address (local Ray only).
     """
-    from glo_search.search import ensure_ray, make_trainable, rung_epochs
+    from glo_search.search import (
+        configure_tune_environment,
+        ensure_ray,
+        make_trainable,
+        rung_epochs,
+    )
 
     location = open_experiment(experiment)
     settings = read_settings(location)
@@ -91,6 +96,7 @@ def resume(
     classifier_state = classifier.load_state()
     _check_classifier(settings)
     ensure_ray(address, dashboard_host=dashboard_host)
+    configure_tune_environment()
 
     trainable = make_trainable(
         base.to_dict(),
@@ -110,6 +116,13 @@ def resume(
         storage_filesystem=None if location.is_local else location.filesystem,
     )
     searcher = _relocate(tuner, location)
+    rungs.refill(
+        _restored_scheduler(tuner),
+        location,
+        _restored_trials(tuner),
+        settings["metric"],
+        settings["mode"],
+    )
     logger.info("resuming the sweep in %s", location.uri)
     try:
         return tuner.fit()
@@ -131,15 +144,43 @@ def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:
     return resolve(source, base).space
 
 
+# Fields of the classifier info that class_fidelity depends on. The weights path is left
+# out because it changes with GLO_SEARCH_CACHE.
+CLASSIFIER_IDENTITY = ("version", "held_out_accuracy", "train_indices", "held_out_indices")
+
+
 def _check_classifier(settings: dict[str, Any]) -> None:
+    recorded = settings.get("classifier")
+    if recorded is None:
+        return
     current = json.loads(json.dumps(asdict(classifier.load_info())))  # tuples as lists
-    if settings.get("classifier") not in (None, current):
+    changes = [
+        f"{key} {current[key]} now, {recorded.get(key)} then"
+        for key in CLASSIFIER_IDENTITY
+        if recorded.get(key) != current[key]
+    ]
+    if changes:
         logger.warning(
-            "the reference classifier differs from the one the sweep started with "
-            "(%s now, %s then): class_fidelity of resumed trials is not comparable",
-            current.get("held_out_accuracy"),
-            settings["classifier"].get("held_out_accuracy"),
+            "the reference classifier differs from the one the sweep started with (%s): "
+            "class_fidelity of resumed trials is not comparable with earlier trials",
+            "; ".join(changes),
         )
+
+
+def _restored_scheduler(tuner: tune.Tuner):
+    # NOTE: the same private TunerInternal attribute as in _relocate (Ray 2.60).
+    return tuner._local_tuner._tune_config.scheduler
+
+
+def _restored_trials(tuner: tune.Tuner) -> list | None:
+    """Return the trial records of Tune's saved state, or None if Tune could not read them.
+
+    Tuner.restore (Ray 2.60) loads them into an ExperimentAnalysis that it keeps in a
+    private attribute (None when loading failed). Reading them again would fetch every
+    trial's result.json a second time.
+    """
+    analysis = tuner._local_tuner._experiment_analysis
+    return None if analysis is None else analysis.trials
 
 
 def _relocate(tuner: tune.Tuner, location: ExperimentLocation) -> GloOptunaSearch | None:

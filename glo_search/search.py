@@ -370,6 +370,7 @@ def sweep(
     location.create()
     try:
         ensure_ray(address, dashboard_host=dashboard_host)
+        configure_tune_environment()
         tuner, search_alg = _build_tuner(
             location=location,
             resolved=resolved,
@@ -385,7 +386,7 @@ def sweep(
                 "mode": mode,
                 "space": resolved.name if resolved else None,
                 "space_kind": resolved.kind if resolved else None,
-                "space_source": space if isinstance(space, str) else None,
+                "space_source": space_source(space),
                 "num_samples": num_samples,
                 "max_epochs": max_epochs,
                 "seed": seed,
@@ -410,6 +411,30 @@ def sweep(
         return tuner.fit()
     finally:
         _copy_study(search_alg, location)
+
+
+def space_source(space: Any) -> str | None:
+    """Return how experiment.json records a space given by name or file, else None.
+
+    A file is recorded by its absolute path, so resume finds it from any folder.
+    """
+    if not isinstance(space, str):
+        return None
+    if space.endswith(".py"):  # search_spaces.load reads names ending in .py as files
+        return str(Path(space).resolve())
+    return space
+
+
+def configure_tune_environment() -> None:
+    """Set the Ray Tune options that sweep and resume share, before Tune starts.
+
+    Tune reads these environment variables when a run starts, in the driver.
+    """
+    # Ray's automatic TensorBoard logger would duplicate the trainable's own event files.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Keeping only the best checkpoint makes Tune snapshot its state at every checkpoint
+    # and warn each time. The snapshot is small, so the warning is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _check_data(base: TrainConfig) -> None:
@@ -623,11 +648,6 @@ def _run_config(
     callbacks: list,
     verbose: int,
 ) -> tune.RunConfig:
-    # Ray's automatic TensorBoard logger would duplicate the trainable's own event files.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # Keeping only the best checkpoint makes Tune snapshot its state at every checkpoint
-    # and warn each time. The snapshot is small, so the warning is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     return tune.RunConfig(

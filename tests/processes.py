@@ -39,7 +39,9 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def start(
+    command: list[str], log: Path, env: dict[str, str], cwd: Path = REPO
+) -> subprocess.Popen:
     with open(log, "ab") as output:
         return subprocess.Popen(
             command,
@@ -47,13 +49,15 @@ def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pope
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            cwd=REPO,
+            cwd=cwd,
             start_new_session=True,
         )
 
 
-def run(command: list[str], log: Path, env: dict[str, str], timeout: float) -> int:
-    process = start(command, log, env)
+def run(
+    command: list[str], log: Path, env: dict[str, str], timeout: float, cwd: Path = REPO
+) -> int:
+    process = start(command, log, env, cwd)
     try:
         return process.wait(timeout=timeout)
     finally:

@@ -1,4 +1,4 @@
-"""`glo-search resume` after the sweep's driver was SIGKILLed, in a moved folder."""
+"""`glo-search resume` after a sweep's driver was SIGKILLed or interrupted."""
 
 from __future__ import annotations
 
@@ -10,11 +10,27 @@ import signal
 import optuna
 import pyarrow.parquet as pq
 import pytest
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
-from processes import BIN, child_env, kill_mentioning, run, short_temp_dir, start, wait_for
+from processes import (
+    BIN,
+    child_env,
+    kill_mentioning,
+    run,
+    short_temp_dir,
+    start,
+    stop_group,
+    wait_for,
+)
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
+from glo_search import rungs
 from glo_search.results import FINAL_STATUSES, read_experiment
+from glo_search.resume import resume
+from glo_search.search import sweep
 from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR, sqlite_url
+from glo_search.storage import open_experiment
 
 NUM_SAMPLES = 6
 MAX_EPOCHS = 4
@@ -54,6 +70,23 @@ def _result_lines(folder, trial_id) -> list[str]:
     return (folder / f"trial_{trial_id}" / "result.json").read_text().splitlines()
 
 
+def _unflushed_epochs(folder) -> set[tuple[str, int]]:
+    """(trial_id, epoch) of results in the folder's result.json files but not in epochs.parquet."""
+    path = folder / "epochs.parquet"
+    flushed = set()
+    if path.is_file():
+        flushed = {(row["trial_id"], row["epoch"]) for row in pq.read_table(path).to_pylist()}
+    reported = set()
+    for result_file in folder.glob("trial_*/result.json"):
+        for line in result_file.read_text().splitlines():
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # caught mid-write
+            reported.add((result["trial_id"], result["epoch"]))
+    return reported - flushed
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill(tmp_path):
     ray_dir = short_temp_dir("glo-ray-")
@@ -63,12 +96,15 @@ def test_resume_after_sigkill(tmp_path):
     driver = start(_sweep_command(first), tmp_path / "sweep.log", env)
     try:
         # Kill once a trial has ended in both the results and Tune's saved state, while
-        # others are still running: the state a crash of the driver leaves behind.
+        # another is running with results that epochs.parquet does not have yet: the
+        # state a crash of the driver leaves behind.
         def ended():
             done = set(_finished_in_parquet(folder)) & _terminated_in_tune_state(folder)
-            return done if len(done) < NUM_SAMPLES else None
+            if not 1 <= len(done) < NUM_SAMPLES:
+                return None
+            return {trial_id for trial_id, _ in _unflushed_epochs(folder)} - done
 
-        wait_for(ended, 400, "a finished trial")
+        wait_for(ended, 400, "a finished trial and unflushed results of a running one")
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -76,7 +112,9 @@ def test_resume_after_sigkill(tmp_path):
 
     before = _finished_in_parquet(folder)
     lines_before = {trial_id: _result_lines(folder, trial_id) for trial_id in before}
+    unflushed = _unflushed_epochs(folder)
     assert 1 <= len(before) < NUM_SAMPLES
+    assert unflushed
     shutil.move(first, moved)
     folder = moved / "exp"
 
@@ -101,9 +139,18 @@ def test_resume_after_sigkill(tmp_path):
         # Tune logged no new result for it: the trial did not run again.
         assert _result_lines(folder, trial_id) == lines_before[trial_id]
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    # Results reported before the kill but not yet in epochs.parquet were recovered.
+    assert unflushed <= set(zip(epochs.trial_id, epochs.epoch, strict=True))
+    for row in trials.itertuples():  # every trial evaluates every epoch
+        reported = sorted(epochs[epochs.trial_id == row.trial_id].epoch)
+        assert reported == list(range(1, row.epochs_run + 1)), row.trial_id
     for trial_id in trials.trial_id:  # also the trials created after the resume
-        assert (folder / f"trial_{trial_id}" / "result.json").is_file(), trial_id
-        assert (folder / f"trial_{trial_id}" / "tensorboard").is_dir(), trial_id
+        trial_dir = folder / f"trial_{trial_id}"
+        assert (trial_dir / "result.json").is_file(), trial_id
+        assert (trial_dir / "tensorboard").is_dir(), trial_id
+        # Only the trainable's own TensorBoard files, not Ray's, also after the resume.
+        assert not list(trial_dir.glob("events.out.tfevents*")), trial_id
+    assert "refilled the ASHA rungs" in log.read_text()
 
     study = optuna.load_study(study_name="exp", storage=sqlite_url(folder / STUDY_FILE))
     by_tune_id = {
@@ -124,3 +171,123 @@ def test_resume_after_sigkill(tmp_path):
     for row in trials.itertuples():
         if row.status in expected:
             assert by_tune_id[row.trial_id].state == expected[row.status], row.trial_id
+
+
+SPACE_FILE = """\
+from ray import tune
+
+SPACE = {"class_dim": tune.choice([4, 6])}
+"""
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_exit_status(tmp_path):
+    ray_dir = short_temp_dir("glo-ray-")
+    env = child_env(RAY_TMPDIR=str(ray_dir))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "space.py").write_text(SPACE_FILE)
+    folder = work / "runs" / "exp"
+    # A relative --space path, resumed below from another working directory.
+    sweep_command = [
+        str(BIN / "glo-search"), "sweep", "--space", "space.py", "--storage", "runs",
+        "--name", "exp", "--num-samples", "3", "--max-epochs", "3", "--max-concurrent", "1",
+        "--num-images", "100", "--swap-sources", "20", "--batch-size", "50",
+    ]  # fmt: skip
+    sweep_log, resume_log = tmp_path / "sweep.log", tmp_path / "resume.log"
+    try:
+        driver = start(sweep_command, sweep_log, env, cwd=work)
+        try:
+            # Interrupt as Ctrl-C does once the first trial has reported a result.
+            wait_for(lambda: list(folder.glob("trial_*/result.json")), 300, "a first result")
+            os.kill(driver.pid, signal.SIGINT)
+            status = driver.wait(timeout=120)
+        finally:
+            stop_group(driver)
+        output = sweep_log.read_text()
+        assert status == 130, output[-3000:]
+        assert "partial results" in output
+        assert "sweep interrupted: " in output
+        assert f"of 3 trials finished; continue with: glo-search resume {folder}" in output
+
+        resume = [str(BIN / "glo-search"), "resume", str(folder)]
+        assert run(resume, resume_log, env, timeout=400) == 0, resume_log.read_text()[-3000:]
+    finally:
+        kill_mentioning(str(ray_dir))
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+    assert "sweep interrupted" not in resume_log.read_text()
+    trials, _ = read_experiment(folder)
+    assert len(trials) == 3
+    assert set(trials.status) <= FINAL_STATUSES
+
+
+# Three trials that learn and one whose learning rates are too small to change its
+# recon_error in one epoch (measured with seed 0 and batches of 10 images: 0.32 against
+# 0.25 to 0.30).
+GOOD = [{"lr_generator": lr, "lr_latent": 1e-2} for lr in (1e-3, 2e-3, 3e-3)]
+BAD = {"lr_generator": 1e-7, "lr_latent": 1e-7}
+
+
+class InterruptAtBadTrial(tune.Callback):
+    """Interrupt the sweep, as Ctrl-C does, when the BAD trial starts, and only once."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.config.get("lr_generator") != BAD["lr_generator"] or self.marker.exists():
+            return
+        self.marker.touch()
+        signal.raise_signal(signal.SIGUSR1)  # Tune ends a run on SIGUSR1 as on SIGINT
+
+
+def _asha() -> ASHAScheduler:
+    return ASHAScheduler(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=2)
+
+
+def _rungs(scheduler) -> dict[float, dict[str, float]]:
+    return {m: dict(recorded) for b in scheduler._brackets for m, recorded in b._rungs}
+
+
+@pytest.mark.slow
+def test_resumed_asha_stops_worse_trial(ray_session, tmp_path):
+    space = {
+        "lr_generator": CategoricalDistribution([1e-3, 2e-3, 3e-3, BAD["lr_generator"]]),
+        "lr_latent": CategoricalDistribution([1e-2, BAD["lr_latent"]]),
+    }
+    scheduler = _asha()
+    sweep(
+        space,
+        metric="recon_error",
+        num_samples=4,
+        max_epochs=3,
+        base_config={"num_images": 100, "swap_sources": 20, "batch_size": 10},
+        scheduler=scheduler,
+        storage=tmp_path,
+        name="exp",
+        max_concurrent=1,
+        points=[*GOOD, BAD],
+        callbacks=[InterruptAtBadTrial(tmp_path / "interrupted")],
+        verbose=0,
+    )
+    folder = tmp_path / "exp"
+    trials, _ = read_experiment(folder)
+    bad = trials[trials.lr_generator == BAD["lr_generator"]].trial_id.item()
+    assert (trials.status == "running").sum() == 1
+    assert trials.set_index("trial_id").loc[bad, "status"] == "running"
+
+    # The refill reproduces the rungs that ASHA had built before the interruption.
+    refilled = _asha()
+    saved_trials = tune.ExperimentAnalysis(str(folder)).trials
+    rungs.refill(refilled, open_experiment(folder), saved_trials, "recon_error", "min")
+    assert _rungs(refilled) == _rungs(scheduler)
+    assert len(_rungs(refilled)[1]) == 3
+
+    resume(folder)
+
+    trials, _ = read_experiment(folder)
+    row = trials.set_index("trial_id").loc[bad]
+    # Without the refill the rungs would be empty and the BAD trial would run to epoch 3.
+    assert row.status == "stopped"
+    assert row.epochs_run == 1
