@@ -54,9 +54,9 @@ def main() -> int:
     parser.add_argument("--storage", type=Path, default=None, help="keep experiments here")
     parser.add_argument(
         "--variants",
-        default="1,20,20-reuse",
+        default="1,1-reuse,20,20-reuse",
         help="overhead: comma-separated eval_every values to run, '-reuse' to run trials "
-        "in reused Ray workers (reuse_actors) (default: 1,20,20-reuse)",
+        "in reused Ray workers (reuse_actors) (default: 1,1-reuse,20,20-reuse)",
     )
     parser.add_argument("--epochs", type=int, default=9, help="search: epochs (default: 9)")
     parser.add_argument(

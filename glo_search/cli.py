@@ -253,6 +253,14 @@ def _add_resource_flags(group) -> None:
         f"counts as an error (default: {DEFAULT_MAX_FAILURES})",
     )
     group.add_argument(
+        "--no-reuse-workers",
+        dest="reuse_workers",
+        action="store_false",
+        help="start a new Ray worker process for every trial instead of running the next "
+        "trial in a finished trial's process (slower; for trials that leave state behind; "
+        "default: reuse workers)",
+    )
+    group.add_argument(
         "--storage",
         default="glo-runs",
         help="folder, or URI that pyarrow.fs understands (file:///..., s3://bucket/...), "
@@ -505,6 +513,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         points=args.points,
         dashboard_host=args.dashboard,
+        reuse_actors=args.reuse_workers,
     )
     return _print_summary(grid, args.metric)
 

@@ -65,11 +65,25 @@ def train_glo(
     torch.set_num_threads(max(1, int(cpus)))
     trainer = Trainer(train_config, load_dataset(train_config), classifier_state)
     _restore(trainer)
-    log = TrainingLog(Path(context.get_trial_dir()) / "tensorboard", train_config, metric)
+    log = TrainingLog(_artifact_dir() / "tensorboard", train_config, metric)
     try:
         _train_loop(trainer, log, eval_epochs)
     finally:
         log.close()
+
+
+def _artifact_dir() -> Path:
+    """Return the local folder whose files Tune copies into the trial folder of the storage.
+
+    The sweep's SyncConfig(sync_artifacts=True) makes Tune copy this folder at every
+    checkpoint and when the trial ends, from whichever node runs the trial.
+    NOTE: tune.get_context().get_trial_dir() is not that folder in Ray 2.60. For the first
+    trial of a worker it is the driver's staging folder, which a worker on another node
+    cannot reach. For later trials of a reused worker it is the working folder.
+    """
+    from ray.train._internal.session import get_session
+
+    return Path(get_session().storage.trial_working_directory)
 
 
 def _restore(trainer: Trainer) -> None:

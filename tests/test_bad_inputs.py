@@ -269,7 +269,7 @@ def run_case(case: Case, tmp: Path, capsys) -> tuple[int, str]:
 
 
 def shown(text: str, tmp: Path) -> str:
-    """The message as the table holds it: no temporary paths and no machine's CPU count."""
+    """Return the message as the table shows it, without temporary paths or a CPU count."""
     text = re.sub(r"this machine has \d+ CPUs", "this machine has <n> CPUs", text)
     return text.replace(str(tmp), "<tmp>")
 

@@ -125,6 +125,9 @@ def test_sweep_runs_on_both_nodes(tmp_path):
             "--name", "cluster", "--space", "report", "--num-samples", "2",
             "--max-epochs", "2", "--scheduler", "fifo", "--num-images", "100",
             "--swap-sources", "20", "--batch-size", "50",
+            # A reused worker could take the second trial before the second node's
+            # worker has started, and the check below wants one trial on each node.
+            "--no-reuse-workers",
         ]  # fmt: skip
         log = tmp_path / "sweep.log"
         assert run(sweep, log, env, timeout=400) == 0, log.read_text()[-3000:]
@@ -133,6 +136,10 @@ def test_sweep_runs_on_both_nodes(tmp_path):
         assert trials.status.tolist() == ["completed", "completed"]
         # Each node has one CPU, so the two trials ran at once, one on each node.
         assert set(epochs.node_id) == set(cluster)
+        # The worker's TensorBoard files reach the storage from either node.
+        for trial_dir in trials.trial_dir:
+            logs = tmp_path / "runs" / "cluster" / trial_dir / "tensorboard"
+            assert list(logs.glob("events.out.tfevents.*")), trial_dir
         assert (tmp_path / "runs" / "cluster" / "optuna.db").is_file()
     finally:
         for node in reversed(nodes):

@@ -91,10 +91,25 @@ def test_sweep_records_experiment(small_sweep):
 
 
 def test_sweep_tensorboard_per_trial(small_sweep):
+    """Each trial folder contains that trial's own TensorBoard scalars, also for trials
+    that ran in a reused Ray worker (three trials on two slots reuse at least one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     _, folder = small_sweep
     trials = pd.read_parquet(folder / "trials.parquet")
-    for trial_dir in trials["trial_dir"]:
-        assert list((folder / trial_dir / "tensorboard").glob("events.out.tfevents.*"))
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    processes = []
+    for trial_id, trial_dir in zip(trials["trial_id"], trials["trial_dir"], strict=True):
+        logs = folder / trial_dir / "tensorboard"
+        files = list(logs.glob("events.out.tfevents.*"))
+        assert files, trial_dir
+        # The file name ends in <pid>.<count>: the Ray worker process that wrote it.
+        processes += [file.name.split(".")[-2] for file in files]
+        events = EventAccumulator(str(logs))
+        events.Reload()
+        steps = [event.step for event in events.Scalars("metrics/disentanglement")]
+        assert steps == epochs.loc[epochs["trial_id"] == trial_id, "epoch"].tolist()
+    assert len(set(processes)) < len(processes), "no trial ran in a reused worker"
 
 
 class StopAfterFirstEpoch(FIFOScheduler):
