@@ -473,6 +473,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from glo_search.single import train_run
 
     config = from_dict(_config_values(args, FIELDS))
+    if config.perceptual_weights and config.loss != "perceptual":
+        logger.warning(
+            "--perceptual-weights is ignored: it is used only with --loss perceptual, "
+            "and the loss is %s",
+            config.loss,
+        )
     out = args.out or Path("glo-runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_device(args.device)
     _check_out_folder(out, must_be_empty=True)

@@ -106,8 +106,13 @@ def load_torchvision(root: str, split: str, download: bool):
     except RuntimeError as error:
         if "not found" not in str(error):
             raise _corrupt(root, split, error) from error
+        prefix = "train" if split == "train" else "t10k"
+        expected = Path(root) / "MNIST" / "raw" / f"{prefix}-{{images-idx3,labels-idx1}}-ubyte"
         hint = "" if download else "; add --download to fetch it (needs a network)"
-        raise DataError(f"MNIST {split} split not found under {root!r}{hint}") from error
+        raise DataError(
+            f"MNIST {split} split not found under {root!r}: torchvision expects "
+            f"{expected}{hint}"
+        ) from error
     except (AssertionError, ValueError) as error:  # torchvision's IDX parser asserts
         raise _corrupt(root, split, error) from error
     except OSError as error:  # network failures during download

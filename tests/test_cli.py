@@ -119,6 +119,16 @@ def test_train_command_writes_run(tmp_path, classifier_state):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_train_warns_unused_perceptual_weights(tmp_path, classifier_state, caplog):
+    weights = tmp_path / "vgg19.pth"  # never opened, because the loss is l1
+    arguments = ["train", "--loss", "l1", "--perceptual-weights", str(weights)]
+    arguments += ["--epochs", "1", "--num-images", "100", "--swap-sources", "20"]
+    code = main([*arguments, "--out", str(tmp_path / "run")])
+    assert code == 0
+    assert "--perceptual-weights is ignored" in caplog.text
+    assert "the loss is l1" in caplog.text
+
+
 def test_sweep_command_prints_best_trials(ray_session, tmp_path, capsys):
     code = main(
         [
