@@ -245,7 +245,34 @@ def _spearman(x: pd.Series, y: pd.Series) -> tuple[float, float]:
     if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
         return math.nan, math.nan
     result = spearmanr(x, y)
-    return float(result.statistic), float(result.pvalue)
+    if len(x) > EXACT_SPEARMAN_MAX_N:
+        return float(result.statistic), float(result.pvalue)
+    return float(result.statistic), _exact_spearman_p(x, y, float(result.statistic))
+
+
+# Up to this many points the p-value is exact, because SciPy's (a t approximation) is far
+# off there: 0 for three points in order, where the exact two-sided value is 1/3.
+EXACT_SPEARMAN_MAX_N = 8
+
+
+def _exact_spearman_p(x: pd.Series, y: pd.Series, rho: float) -> float:
+    """Return the two-sided p-value of rho over every ordering of y (n! of them)."""
+    from itertools import permutations
+
+    from scipy.stats import rankdata
+
+    rank_x = rankdata(x)
+    rank_y = rankdata(y)
+    orders = np.array(list(permutations(range(len(rank_y)))))
+    shuffled = rank_y[orders]
+    centred_x = rank_x - rank_x.mean()
+    centred_y = shuffled - shuffled.mean(axis=1, keepdims=True)
+    rhos = (
+        centred_y
+        @ centred_x
+        / (np.sqrt((centred_y**2).sum(axis=1)) * np.sqrt((centred_x**2).sum()))
+    )
+    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
 
 
 def loss_correlations(

@@ -110,8 +110,7 @@ def load_torchvision(root: str, split: str, download: bool):
         expected = Path(root) / "MNIST" / "raw" / f"{prefix}-{{images-idx3,labels-idx1}}-ubyte"
         hint = "" if download else "; add --download to fetch it (needs a network)"
         raise DataError(
-            f"MNIST {split} split not found under {root!r}: torchvision expects "
-            f"{expected}{hint}"
+            f"MNIST {split} split not found under {root!r}: torchvision expects {expected}{hint}"
         ) from error
     except (AssertionError, ValueError) as error:  # torchvision's IDX parser asserts
         raise _corrupt(root, split, error) from error

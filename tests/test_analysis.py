@@ -85,6 +85,17 @@ def test_loss_correlation_too_few_points_is_nan():
     assert result["spearman_rho"].isna().all()
 
 
+def test_loss_correlation_exact_p_for_few_points():
+    # Of the 3! orderings of three metric values, two give |rho| = 1: p = 2/6. Of the 5!
+    # orderings of five, 10 give |rho| >= 0.9: p = 10/120 (Spearman's exact table).
+    three = tables.loss_correlations(epochs_frame([0.1, 0.2, 0.3], [0.9, 0.8, 0.7]))
+    assert three.loc[0, "spearman_rho"] == pytest.approx(-1.0)
+    assert three.loc[0, "p_value"] == pytest.approx(1 / 3)
+    five = tables.loss_correlations(epochs_frame([1, 2, 3, 4, 5], [0.1, 0.2, 0.3, 0.5, 0.4]))
+    assert five.loc[0, "spearman_rho"] == pytest.approx(0.9)
+    assert five.loc[0, "p_value"] == pytest.approx(10 / 120)
+
+
 @pytest.mark.parametrize("quantile", [0.0, -0.1, 1.5])
 def test_loss_correlation_rejects_quantile(quantile):
     with pytest.raises(ValueError, match="quantile"):
