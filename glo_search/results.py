@@ -147,6 +147,8 @@ class ResultsWriter(tune.Callback):
         are left alone, because on an interrupt (Ctrl-C) Tune (2.60) marks the trials
         still running as TERMINATED without calling on_trial_complete. Their rows must
         stay "running", so that the sweep shows as interrupted and resume continues them.
+        Tune marks trials still waiting to start TERMINATED too. They have neither a row
+        nor epoch rows, and get no row, so that resume runs and records them.
         """
         for trial in trials:
             if trial.status not in (Trial.TERMINATED, Trial.ERROR) or self._ignored(trial):
@@ -154,6 +156,8 @@ class ResultsWriter(tune.Callback):
             if trial.trial_id in self._started:
                 continue
             row = self.trials.get(trial.trial_id)
+            if row is None and not self.epochs.get(trial.trial_id):
+                continue
             if row is None or row["status"] == "running":
                 self._finish(trial, error=trial.status == Trial.ERROR, flush=False)
         self.flush()

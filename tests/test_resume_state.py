@@ -199,6 +199,24 @@ def test_experiment_end_settles_restored_trials(
     assert rows[0]["epochs_run"] == epochs[-1]
 
 
+def test_experiment_end_skips_never_started_trial(tmp_path):
+    # Ctrl-C while a trial waits to start: Tune marks it TERMINATED, but it never ran.
+    location = _location("local", tmp_path)
+    writer = _writer(location)
+    writer.setup()
+    ran = _trial(location, "a", Trial.RUNNING)
+    writer.on_trial_start(0, [ran], ran)
+    writer.on_trial_result(0, [ran], ran, _result("a", 1, 0.5))
+    ran.set_status(Trial.TERMINATED)
+    waiting = _trial(location, "b", Trial.TERMINATED)
+
+    writer.on_experiment_end(trials=[ran, waiting])
+
+    rows = pq.read_table(location.open_input_file(TRIALS_FILE)).to_pylist()
+    assert [row["trial_id"] for row in rows] == ["a"]
+    assert rows[0]["status"] == "running"
+
+
 def test_experiment_end_keeps_finished_rows(tmp_path):
     location = _location("local", tmp_path)
     stopped = {"trial_id": "a", "status": "stopped", "epochs_run": 1}
