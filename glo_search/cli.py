@@ -542,7 +542,8 @@ def _print_summary(grid, metric: str) -> int:
 
     A sweep with fewer finished trials than it requested, or with trials still marked
     running, was interrupted (for example by Ctrl-C). Its table is then marked partial,
-    and the exit status is INTERRUPTED_EXIT_STATUS.
+    and the exit status is INTERRUPTED_EXIT_STATUS. A sweep whose trials all failed
+    exits with status 1.
     """
     from glo_search.results import (
         FINAL_STATUSES,
@@ -571,7 +572,9 @@ def _print_summary(grid, metric: str) -> int:
     if grid.errors:
         print(f"{len(grid.errors)} trial(s) failed; see the error.txt in their trial folders")
     if not interrupted:
-        return 0
+        # A sweep in which every trial failed produced nothing to compare.
+        all_failed = len(statuses) > 0 and set(statuses) == {"error"}
+        return 1 if all_failed else 0
     print(
         f"sweep interrupted: {finished} of {requested} trials finished; "
         f"continue with: glo-search resume {shlex.quote(location.uri)}"
@@ -662,6 +665,11 @@ def main(argv: list[str] | None = None) -> int:
         # The reader of stdout (e.g. `| head`) closed early; exit without a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as error:
+        # A path that cannot be made or written (a file in place of a folder, /proc, a
+        # full disk): the system's message names the path.
+        print(f"glo-search: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

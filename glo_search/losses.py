@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -141,10 +140,14 @@ def _read_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+    except Exception as error:  # torch.load raises many types on a file that is no state dict
+        # Only torch's first sentence: the rest advises weights_only=False, which
+        # would run code from the file.
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
         raise ConfigError(
             f"invalid perceptual_weights={str(weights_path)!r} (--perceptual-weights): "
-            f"cannot load it with torch.load ({str(error).strip().splitlines()[0]})"
+            f"cannot load it with torch.load ({type(error).__name__}: {reason}); expected "
+            "a VGG19 state dict saved with torch.save"
         ) from None
     if not isinstance(state, dict):
         raise ConfigError(

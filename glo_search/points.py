@@ -42,6 +42,10 @@ def read_points(path: str | Path) -> list[dict[str, Any]]:
         raise ConfigError(
             f"cannot parse points file {path}: {error.msg} at line {error.lineno}"
         ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"cannot parse points file {path}: not UTF-8 text; write it as JSON or YAML"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,31 @@ def read_settings(location: ExperimentLocation) -> dict[str, Any]:
             f"{location.uri} is not a glo-search experiment folder: it has no "
             f"{EXPERIMENT_FILE}; give the folder that `glo-search sweep` printed"
         )
-    return json.loads(location.read_bytes(EXPERIMENT_FILE))
+    try:
+        settings = json.loads(location.read_bytes(EXPERIMENT_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"invalid JSON in {location.uri}/{EXPERIMENT_FILE}: {error}") from None
+    if not isinstance(settings, dict):
+        settings = {}
+    missing = [key for key in REQUIRED_SETTINGS if key not in settings]
+    if missing:
+        raise ConfigError(
+            f"invalid {location.uri}/{EXPERIMENT_FILE}: missing {', '.join(missing)}; "
+            "the sweep wrote this file at its start, so restore it from a copy"
+        )
+    return settings
+
+
+# Keys of experiment.json that resume reads.
+REQUIRED_SETTINGS = (
+    "base_config",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_epochs",
+    "cpus_per_trial",
+    "gpus_per_trial",
+)
 
 
 def _check_tune_state(location: ExperimentLocation) -> None:
@@ -106,15 +131,21 @@ def resume(
         settings["metric"],
         rung_epochs(settings),
     )
-    tuner = tune.Tuner.restore(
-        location.path,
-        trainable=trainable,
-        resume_unfinished=True,
-        resume_errored=False,
-        restart_errored=False,
-        param_space=param_space,
-        storage_filesystem=None if location.is_local else location.filesystem,
-    )
+    try:
+        tuner = tune.Tuner.restore(
+            location.path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=param_space,
+            storage_filesystem=None if location.is_local else location.filesystem,
+        )
+    except (pickle.UnpicklingError, EOFError) as error:
+        raise ConfigError(
+            f"cannot resume {location.uri}: Ray Tune's saved state ({TUNER_FILE}) is "
+            f"damaged ({type(error).__name__}: {error})"
+        ) from None
     searcher = _relocate(tuner, location)
     rungs.refill(
         _restored_scheduler(tuner),

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -206,11 +207,42 @@ def ensure_ray(
     options = ray_init_options(address, num_cpus, dashboard_host)  # checks the request
     if ray.is_initialized():
         return
+    if address:
+        check_address_reachable(address)
     try:
         ray.init(**options)
-    except ConnectionError as error:
+    except (ConnectionError, ValueError) as error:
         raise ConfigError(
             f"cannot connect to the Ray cluster at --address {address}: {error}"
+        ) from None
+
+
+# Seconds to wait for a TCP connection to a cluster's address before giving up.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_address_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Check that something accepts TCP connections at a HOST:PORT cluster address.
+
+    ray.init retries an address where nothing listens without end (Ray 2.60), so an
+    address with a typo would hang the sweep. "auto" and "local" are left to Ray.
+    """
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"invalid --address {address!r}: expected HOST:PORT of a Ray cluster's head, "
+            "e.g. 10.0.0.5:6379, or 'auto'"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at --address {address}: {error} (waited up "
+            f"to {timeout:g} s); check the address, or start the cluster with `ray start "
+            "--head`"
         ) from None
 
 
@@ -364,6 +396,7 @@ def sweep(
     _check_name(name)
     location = _experiment_location(storage, name)
     _check_data(base)
+    _check_perceptual_weights(base)
     classifier_state = classifier.load_state()
 
     location.create()
@@ -442,6 +475,16 @@ def _check_data(base: TrainConfig) -> None:
     from glo_search.data import load_dataset
 
     load_dataset(base)
+
+
+def _check_perceptual_weights(base: TrainConfig) -> None:
+    """Load a VGG19 weights file once in the driver, so that a bad file stops the sweep
+    here instead of failing every trial. The space may choose the loss, so the file is
+    checked whatever the base loss is."""
+    if base.perceptual_weights:
+        from glo_search.losses import vgg19_perceptual_loss
+
+        vgg19_perceptual_loss(base.perceptual_weights)
 
 
 def _build_tuner(

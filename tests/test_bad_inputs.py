@@ -37,6 +37,17 @@ class Case:
 SPACE_HEADER = "from optuna.distributions import IntDistribution, FloatDistribution\n"
 REPORT_POINT = {"class_dim": 7, "content_dim": 25, "noise_std": 0.3, "content_decay": 0.0}
 
+# The experiment.json of a sweep that stopped before Ray Tune saved any state.
+EARLY_SETTINGS = {
+    "base_config": {},
+    "metric": "disentanglement",
+    "mode": "max",
+    "num_samples": 2,
+    "max_epochs": 2,
+    "cpus_per_trial": 1,
+    "gpus_per_trial": 0,
+}
+
 CASES = [
     Case("dim-below-1", "class code size below 1", "train --class-dim 0", "class_dim=0"),
     Case("negative-seed", "negative seed", "train --seed -1", "seed=-1"),
@@ -73,6 +84,34 @@ CASES = [
         "trial that needs more CPUs than the machine has",
         "sweep --cpus-per-trial 4096",
         "cpus_per_trial=4096",
+    ),
+    Case(
+        "address-refused",
+        "cluster address where nothing listens",
+        "sweep --address 127.0.0.1:1",
+        "127.0.0.1:1",
+    ),
+    Case("address-malformed", "cluster address without a port", "sweep --address head", "'head'"),
+    Case(
+        "sweep-vgg-text",
+        "perceptual weights file that is not a torch file, in a sweep",
+        "sweep --loss perceptual --perceptual-weights {tmp}/vgg19.pth",
+        "perceptual_weights=",
+        (("vgg19.pth", "not weights"),),
+    ),
+    Case(
+        "out-under-file",
+        "output folder inside a file",
+        "train --out {tmp}/afile.txt/run",
+        "Not a directory",
+        (("afile.txt", "text"),),
+    ),
+    Case(
+        "points-not-text",
+        "points file that is not UTF-8",
+        "sweep --points {tmp}/points.json",
+        "not UTF-8",
+        (("points.json", "\udcff"),),
     ),
     Case("negative-sigma", "negative content noise", "train --noise-std -1", "noise_std=-1"),
     Case("unknown-loss", "unknown reconstruction loss", "train --loss huber", "huber"),
@@ -237,6 +276,13 @@ CASES = [
         "resume of a sweep that stopped before its first trial",
         "resume {tmp}/early",
         "nothing to resume",
+        (("early/experiment.json", json.dumps(EARLY_SETTINGS)),),
+    ),
+    Case(
+        "resume-bad-settings",
+        "resume of a folder whose experiment.json lacks settings",
+        "resume {tmp}/early",
+        "missing base_config",
         (("early/experiment.json", "{}"),),
     ),
 ]
@@ -259,7 +305,7 @@ def run_case(case: Case, tmp: Path, capsys) -> tuple[int, str]:
     for relative, content in case.files:
         path = tmp / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
+        path.write_text(content, errors="surrogateescape")  # "\\udcff" writes byte 0xff
     try:
         status = main(command_line(case, tmp))
     except SystemExit as exit:  # argparse rejects choices itself

@@ -405,7 +405,7 @@ def _set_num_samples(folder, num_samples: int) -> None:
 
 @pytest.mark.parametrize(
     ("num_samples", "status", "finished", "exit_status"),
-    [(1, None, 1, 0), (3, None, 1, 130), (1, "running", 0, 130)],
+    [(1, None, 1, 0), (3, None, 1, 130), (1, "running", 0, 130), (1, "error", 1, 1)],
 )
 def test_summary_marks_interrupted_sweep(
     space_file_sweep, tmp_path, capsys, num_samples, status, finished, exit_status
@@ -422,7 +422,7 @@ def test_summary_marks_interrupted_sweep(
 
     output = capsys.readouterr().out
     assert "best 1 of 1 trials" in output
-    if exit_status == 0:
+    if exit_status in (0, 1):  # 1: every trial failed
         assert "sweep interrupted" not in output
         assert "partial results" not in output
         return
