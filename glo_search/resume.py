@@ -15,12 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from ray import tune
 
 from glo_search import classifier, rungs
 from glo_search.config import ConfigError, from_dict
-from glo_search.results import ResultsWriter
+from glo_search.results import EPOCHS_FILE, TRIALS_FILE, ResultsWriter
 from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
 from glo_search.spaces import resolve
 from glo_search.storage import ExperimentLocation, open_experiment
@@ -66,6 +68,20 @@ REQUIRED_SETTINGS = (
     "cpus_per_trial",
     "gpus_per_trial",
 )
+
+
+def _check_result_tables(location: ExperimentLocation) -> None:
+    """Check that trials.parquet and epochs.parquet, where present, can be read."""
+    for name in (TRIALS_FILE, EPOCHS_FILE):
+        if not location.has_file(name):
+            continue
+        try:
+            pq.read_metadata(location.open_input_file(name))
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ConfigError(
+                f"cannot resume {location.uri}: {name} is damaged ({error}); restore it "
+                "from a copy"
+            ) from None
 
 
 def _check_tune_state(location: ExperimentLocation) -> None:
@@ -116,6 +132,7 @@ def resume(
     location = open_experiment(experiment)
     settings = read_settings(location)
     _check_tune_state(location)
+    _check_result_tables(location)
     base = from_dict(settings["base_config"])
     param_space = _param_space(settings, space, base)
     classifier_state = classifier.load_state()
@@ -144,7 +161,7 @@ def resume(
     except (pickle.UnpicklingError, EOFError) as error:
         raise ConfigError(
             f"cannot resume {location.uri}: Ray Tune's saved state ({TUNER_FILE}) is "
-            f"damaged ({type(error).__name__}: {error})"
+            f"damaged ({type(error).__name__}: {error}); restore it from a copy"
         ) from None
     searcher = _relocate(tuner, location)
     rungs.refill(

@@ -205,10 +205,10 @@ def ensure_ray(
     --dashboard-host`).
     """
     options = ray_init_options(address, num_cpus, dashboard_host)  # checks the request
-    if ray.is_initialized():
-        return
     if address:
         check_address_reachable(address)
+    if ray.is_initialized():
+        return
     try:
         ray.init(**options)
     except (ConnectionError, ValueError) as error:

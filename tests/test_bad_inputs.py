@@ -279,6 +279,18 @@ CASES = [
         (("early/experiment.json", json.dumps(EARLY_SETTINGS)),),
     ),
     Case(
+        "resume-damaged-trials",
+        "resume of a folder whose trials.parquet is damaged",
+        "resume {tmp}/early",
+        "trials.parquet is damaged",
+        (
+            ("early/experiment.json", json.dumps(EARLY_SETTINGS)),
+            ("early/tuner.pkl", "saved state"),
+            ("early/experiment_state-2026-01-01_00-00-00.json", "{}"),
+            ("early/trials.parquet", "not parquet"),
+        ),
+    ),
+    Case(
         "resume-bad-settings",
         "resume of a folder whose experiment.json lacks settings",
         "resume {tmp}/early",
