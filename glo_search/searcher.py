@@ -191,6 +191,8 @@ class GloOptunaSearch(OptunaSearch):
         self._ensure_study()
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if self._finished_in_study(trial_id):
+            return
         ot_trial = self._ot_trials[trial_id]
         state, value = self._final_state(result, error)
         if result and state != TrialState.FAIL:
@@ -227,10 +229,29 @@ class GloOptunaSearch(OptunaSearch):
         if value is None or not math.isfinite(value):
             return  # Optuna would store NaN, and TPE would rank it as a real value
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        ot_trial = self._ot_trials[trial_id]
-        if step in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+        stored = self._stored(trial_id)
+        if stored.state.is_finished():  # see _finished_in_study
+            self._completed_trials.add(trial_id)
+            return
+        if step in stored.intermediate_values:
             return  # an epoch repeated after a retry from an earlier checkpoint
-        ot_trial.report(float(value), step)
+        self._ot_trials[trial_id].report(float(value), step)
+
+    def _stored(self, trial_id: str) -> optuna.trial.FrozenTrial:
+        ot_trial = self._ot_trials[trial_id]
+        return ot_trial.storage.get_trial(ot_trial._trial_id)
+
+    def _finished_in_study(self, trial_id: str) -> bool:
+        """Return whether the study already recorded the end of this trial.
+
+        That happens when the driver was killed after the study recorded a trial's end but
+        before Tune saved its state: a resume then runs the trial again, and the study
+        keeps its first record.
+        """
+        if not self._stored(trial_id).state.is_finished():
+            return False
+        self._completed_trials.add(trial_id)
+        return True
 
     def sync_mirror(self) -> None:
         """Copy the local SQLite study to the experiment folder, when it lives elsewhere."""

@@ -105,6 +105,23 @@ def test_searcher_repeated_epoch_keeps_first_value(tmp_path):
     assert study_trial(tmp_path, "a").intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
 
 
+def test_searcher_rerun_of_finished_trial(tmp_path):
+    # A driver killed after the study recorded trial "a" as pruned, but before Tune saved
+    # its state: the resumed sweep runs "a" again from its checkpoint.
+    searcher = make_searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 0.1))
+    study = optuna.load_study(study_name="study", storage=sqlite_url(tmp_path / "optuna.db"))
+    study.tell(study_trial(tmp_path, "a").number, state=TrialState.PRUNED)
+
+    searcher.on_trial_result("a", result(2, 0.2))
+    searcher.on_trial_complete("a", result(4, 0.4))
+
+    trial = study_trial(tmp_path, "a")
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {1: 0.1}
+
+
 def test_searcher_points_come_first(tmp_path):
     point = {"class_dim": 10, "noise_std": 0.5}
     searcher = make_searcher(tmp_path, points=[point])
