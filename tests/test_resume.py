@@ -42,6 +42,9 @@ def _sweep_command(storage) -> list[str]:
         "--name", "exp", "--num-samples", str(NUM_SAMPLES), "--max-epochs", str(MAX_EPOCHS),
         "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
         "--num-images", "100", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
+        # A new worker per trial slows the trials enough for the tests to catch a sweep
+        # between two trials; with reused workers all 6 can end before the first check.
+        "--no-reuse-workers",
     ]  # fmt: skip
 
 
@@ -193,6 +196,7 @@ def test_interrupted_sweep_exit_status(tmp_path):
         str(BIN / "glo-search"), "sweep", "--space", "space.py", "--storage", "runs",
         "--name", "exp", "--num-samples", "3", "--max-epochs", "3", "--max-concurrent", "1",
         "--num-images", "100", "--swap-sources", "20", "--batch-size", "50",
+        "--no-reuse-workers",  # slower trials: the interrupt comes before the sweep ends
     ]  # fmt: skip
     sweep_log, resume_log = tmp_path / "sweep.log", tmp_path / "resume.log"
     try:
