@@ -155,19 +155,27 @@ def test_resume_after_sigkill(tmp_path):
         assert not list(trial_dir.glob("events.out.tfevents*")), trial_id
     assert "refilled the ASHA rungs" in log.read_text()
 
+    # NOTE: Ray Tune (2.60) deletes a trial's older checkpoint before it saves the state
+    # that stops naming it. A kill in between leaves that trial unable to continue, and it
+    # ends as an error. No trial may end as an error for any other reason.
+    lost = set(trials.trial_id[trials.status == "error"])
+    for trial_id in lost:
+        error = (folder / f"trial_{trial_id}" / "error.txt").read_text()
+        assert "does not exist on storage anymore" in error, trial_id
+
     study = optuna.load_study(study_name="exp", storage=sqlite_url(folder / STUDY_FILE))
     by_tune_id = {
         t.user_attrs[TUNE_TRIAL_ATTR]: t
         for t in study.trials
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     }
-    assert set(by_tune_id) == set(trials.trial_id)
+    assert set(by_tune_id) == set(trials.trial_id) - lost
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-    # Only trials asked but never started before the kill may be FAIL.
+    # Only the lost trials and trials asked but never started before the kill may be FAIL.
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert all(
         TUNE_TRIAL_ATTR not in t.user_attrs
-        or t.user_attrs[TUNE_TRIAL_ATTR] not in set(trials.trial_id)
+        or t.user_attrs[TUNE_TRIAL_ATTR] not in set(trials.trial_id) - lost
         for t in failed
     )
     expected = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED}
