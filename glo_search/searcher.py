@@ -191,7 +191,7 @@ class GloOptunaSearch(OptunaSearch):
         self._ensure_study()
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        if self._finished_in_study(trial_id):
+        if self._finished_in_study(trial_id, self._stored(trial_id)):
             return
         ot_trial = self._ot_trials[trial_id]
         state, value = self._final_state(result, error)
@@ -230,8 +230,7 @@ class GloOptunaSearch(OptunaSearch):
             return  # Optuna would store NaN, and TPE would rank it as a real value
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         stored = self._stored(trial_id)
-        if stored.state.is_finished():  # see _finished_in_study
-            self._completed_trials.add(trial_id)
+        if self._finished_in_study(trial_id, stored):
             return
         if step in stored.intermediate_values:
             return  # an epoch repeated after a retry from an earlier checkpoint
@@ -241,14 +240,15 @@ class GloOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         return ot_trial.storage.get_trial(ot_trial._trial_id)
 
-    def _finished_in_study(self, trial_id: str) -> bool:
-        """Return whether the study already recorded the end of this trial.
+    def _finished_in_study(self, trial_id: str, stored: optuna.trial.FrozenTrial) -> bool:
+        """Return whether the study already recorded the end of this trial, as ``stored``
+        (the study's copy of it) shows, and mark such a trial as completed here.
 
         That happens when the driver was killed after the study recorded a trial's end but
         before Tune saved its state: a resume then runs the trial again, and the study
         keeps its first record.
         """
-        if not self._stored(trial_id).state.is_finished():
+        if not stored.state.is_finished():
             return False
         self._completed_trials.add(trial_id)
         return True

@@ -42,8 +42,8 @@ def _sweep_command(storage) -> list[str]:
         "--name", "exp", "--num-samples", str(NUM_SAMPLES), "--max-epochs", str(MAX_EPOCHS),
         "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
         "--num-images", "100", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
-        # A new worker per trial slows the trials enough for the tests to catch a sweep
-        # between two trials; with reused workers all 6 can end before the first check.
+        # A new worker per trial slows the trials, so the tests can catch the sweep
+        # between two trials. With reused workers all 6 can end before the first check.
         "--no-reuse-workers",
     ]  # fmt: skip
 
