@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Collection
@@ -16,7 +17,8 @@ from glo_search.config import TrainConfig, from_dict
 from glo_search.data import Dataset
 from glo_search.io import atomic_write_bytes
 from glo_search.losses import build_loss
-from glo_search.model import LatentCodes, build_generator
+from glo_search.model import GloGenerator, LatentCodes, build_generator
+from glo_search.step import FusedAdamSteps, GloStep, decode, supported
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ class Trainer:
         self.loss_fn = build_loss(
             config.loss, classifier_state, config.perceptual_weights, self.device
         )
+        # The glo generator with a pixel loss trains by a hand-written step; others by autograd.
+        self.step = (
+            GloStep(self.generator, self.codes, config.loss)
+            if supported(self.generator, config.loss)
+            else None
+        )
         self.order_rng = torch.Generator().manual_seed(config.seed + 1)
         self.noise_rng = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.classifier = None
@@ -110,21 +118,37 @@ class Trainer:
             )
             noise.mul_(config.noise_std)
         total = torch.zeros((), device=self.device)
+        update = FusedAdamSteps(self.optimizer)
         for start in range(0, len(order), config.batch_size):
             stop = start + config.batch_size
-            content = self.codes.content[order[start:stop]]  # (B, content_dim)
-            class_code = self.codes.classes[labels[start:stop]]  # (B, class_dim)
-            noisy = content if noise is None else content + noise[start:stop]
-            output = self.generator(class_code, noisy)
-            loss = self.loss_fn(output, images[start:stop])
-            if config.content_decay > 0:
-                loss = loss + config.content_decay * content.pow(2).sum(dim=1).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.detach() * len(content)
+            batch = (order[start:stop], labels[start:stop], images[start:stop])
+            batch_noise = None if noise is None else noise[start:stop]
+            if self.step is not None:
+                loss = self.step(*batch, batch_noise, config.content_decay)
+                update()
+            else:
+                loss = self._autograd_step(*batch, batch_noise)
+            total += loss * len(batch[0])
         self.epoch += 1
         return (total / len(self.labels)).item()
+
+    def _autograd_step(
+        self,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        images: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        content = self.codes.content[indices]  # (B, content_dim)
+        class_code = self.codes.classes[labels]  # (B, class_dim)
+        noisy = content if noise is None else content + noise
+        loss = self.loss_fn(self.generator(class_code, noisy), images)
+        if self.config.content_decay > 0:
+            loss = loss + self.config.content_decay * content.pow(2).sum(dim=1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
 
     @torch.no_grad()
     def generate(self, class_codes: torch.Tensor, content_codes: torch.Tensor) -> torch.Tensor:
@@ -132,8 +156,11 @@ class Trainer:
         was_training = self.generator.training
         self.generator.eval()
         chunk = EVAL_BATCH.get(self.device.type, DEFAULT_EVAL_BATCH)
+        generator = self.generator
+        if type(generator) is GloGenerator:
+            generator = functools.partial(decode, generator)
         outputs = [
-            self.generator(c, z)
+            generator(c, z)
             for c, z in zip(class_codes.split(chunk), content_codes.split(chunk), strict=True)
         ]
         self.generator.train(was_training)

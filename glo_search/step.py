@@ -1,0 +1,354 @@
+"""Hand-written training step of the ``glo`` generator with a pixel loss.
+
+At a batch of 32 on a CPU, a training step is small enough that the cost of running it
+op by op through autograd (graph nodes, saved tensors, the optimizer's Python loop) is
+larger than its arithmetic. :class:`GloStep` computes the forward pass, the loss and every
+gradient explicitly, with the generator's own parameters and the fused upsample +
+transposed-convolution form of :mod:`glo_search.kernels`, and leaves the gradients in
+each parameter's ``.grad`` for the optimizer. Its gradients, loss and batch-norm running
+statistics equal autograd's on the module path to float rounding (tests/test_step.py).
+
+It covers the ``glo`` generator and the losses ``l1``, ``l2`` and ``l1+l2``; the trainer
+uses autograd for every other combination.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glo_search.kernels import KERNEL, TAPS, _fold_matrix_on
+from glo_search.model import ACTIVATION_CHANNELS, GloGenerator, LatentCodes
+
+# d(loss)/d(output - target) per pixel, times the pixel count: (sign weight, linear weight).
+# l1 = mean |d|: sign(d); l2 = mean d^2: 2 d; l1+l2 = half of each: 0.5 sign(d) + d.
+LOSS_GRADIENT = {"l1": (1.0, 0.0), "l2": (0.0, 2.0), "l1+l2": (0.5, 1.0)}
+FC_LAYERS = (0, 2, 4)  # indices of the Linear layers in GloGenerator.fc
+
+
+def supported(generator: torch.nn.Module, loss: str) -> bool:
+    return type(generator) is GloGenerator and loss in LOSS_GRADIENT
+
+
+class GloStep:
+    """Forward, loss and backward of one batch of the ``glo`` generator, by hand."""
+
+    def __init__(self, generator: GloGenerator, codes: LatentCodes, loss: str) -> None:
+        self.generator = generator
+        self.codes = codes
+        self.sign_weight, self.linear_weight = LOSS_GRADIENT[loss]
+        self.linears = [generator.fc[i] for i in FC_LAYERS]
+        self.conv14, self.norm = generator.to_14[1], generator.to_14[2]
+        self.conv28 = generator.to_28[1]
+        for parameter in [*generator.parameters(), *codes.parameters()]:
+            parameter.grad = torch.zeros_like(parameter)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        images: torch.Tensor,
+        noise: torch.Tensor | None,
+        content_decay: float,
+    ) -> torch.Tensor:
+        """Set every parameter's ``.grad`` for one batch and return the batch's objective.
+
+        ``indices`` (B,) are the images' rows in the content table, ``labels`` (B,) their
+        classes, ``images`` (B, 1, 28, 28) the targets and ``noise`` (B, content_dim) the
+        noise added to the content codes, or None.
+        """
+        codes = self.codes
+        batch = len(indices)
+        content = codes.content.index_select(0, indices)  # (B, content_dim)
+        class_code = codes.classes.index_select(0, labels)  # (B, class_dim)
+        noisy = content if noise is None else content + noise
+        hidden = [torch.cat([class_code, noisy], dim=1)]
+        for linear in self.linears:
+            hidden.append(torch.addmm(linear.bias, hidden[-1], linear.weight.t()).relu_())
+        # (B, 400) as (B, 16, 5, 5), made channels-last (B, 5, 5, 16).
+        maps5 = hidden[-1].view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1)
+        maps5 = maps5.contiguous()
+        kernel14 = _folded(self.conv14.weight)
+        maps14 = _stage_forward(maps5, kernel14, self.conv14.bias, 0)  # (B, 14, 14, 16)
+        norm = self.norm
+        normalized, mean, invstd = torch.native_batch_norm(
+            maps14.permute(0, 3, 1, 2),
+            norm.weight,
+            norm.bias,
+            norm.running_mean,
+            norm.running_var,
+            True,
+            norm.momentum,
+            norm.eps,
+        )
+        norm.num_batches_tracked.add_(1)
+        active = normalized.relu_().permute(0, 2, 3, 1).contiguous()  # (B, 14, 14, 16)
+        kernel28 = _folded(self.conv28.weight)
+        logits = _stage_forward_t(active, kernel28, self.conv28.bias, 2)  # (B, 28, 28, 1)
+        output = logits.view(batch, 28, 28).sigmoid()
+        diff = (output - images.view(batch, 28, 28)).view(-1)
+        loss, grad = self._pixel_loss(diff)
+        grad = torch.ops.aten.sigmoid_backward(grad, output.view(-1)).view(batch, 28, 28, 1)
+
+        grad = _stage_backward_t(grad, active, kernel28, self.conv28, 2)  # (B, 14, 14, 16)
+        grad = torch.ops.aten.threshold_backward(grad, active, 0)
+        grad, weight_grad, bias_grad = torch.ops.aten.native_batch_norm_backward(
+            grad.permute(0, 3, 1, 2),
+            maps14.permute(0, 3, 1, 2),
+            norm.weight,
+            norm.running_mean,
+            norm.running_var,
+            mean,
+            invstd,
+            True,
+            norm.eps,
+            [True, True, True],
+        )
+        norm.weight.grad.copy_(weight_grad)
+        norm.bias.grad.copy_(bias_grad)
+        grad = grad.permute(0, 2, 3, 1).contiguous()
+        grad = _stage_backward(grad, maps5, kernel14, self.conv14, 0)
+        grad = grad.permute(0, 3, 1, 2).reshape(batch, -1)  # (B, 400)
+        for linear, inputs, outputs in zip(
+            reversed(self.linears), reversed(hidden[:-1]), reversed(hidden[1:]), strict=True
+        ):
+            grad = torch.ops.aten.threshold_backward(grad, outputs, 0)
+            torch.mm(grad.t(), inputs, out=linear.weight.grad)
+            torch.sum(grad, dim=0, out=linear.bias.grad)
+            grad = grad @ linear.weight
+        class_dim = class_code.shape[1]
+        codes.classes.grad.zero_().index_add_(0, labels, grad[:, :class_dim])
+        content_grad = grad[:, class_dim:]
+        if content_decay > 0:
+            loss += content_decay * content.square().sum(dim=1).mean()
+            content_grad = content_grad.add(content, alpha=2 * content_decay / batch)
+        codes.content.grad.zero_().index_copy_(0, indices, content_grad)
+        return loss
+
+    def _pixel_loss(self, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the loss of flat output - target differences and its gradient."""
+        pixels = diff.numel()
+        signs = diff.sign()
+        # Sums as dot products: sum |d| = d . sign(d), sum d^2 = d . d.
+        loss = self.sign_weight * torch.dot(diff, signs)
+        loss += self.linear_weight / 2 * torch.dot(diff, diff)
+        loss /= pixels
+        if self.linear_weight:
+            grad = torch.add(diff, signs, alpha=self.sign_weight / self.linear_weight)
+            return loss, grad.mul_(self.linear_weight / pixels)
+        return loss, signs.mul_(self.sign_weight / pixels)
+
+
+@torch.no_grad()
+def decode(
+    generator: GloGenerator, class_code: torch.Tensor, content_code: torch.Tensor
+) -> torch.Tensor:
+    """The ``glo`` generator's output in evaluation mode (batch-norm running statistics),
+    by the same stages as :class:`GloStep`; equal to ``generator(...)`` to float rounding."""
+    batch = len(class_code)
+    hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
+    maps5 = hidden.view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1).contiguous()
+    conv14, norm = generator.to_14[1], generator.to_14[2]
+    maps14 = _stage_forward(maps5, _folded(conv14.weight), conv14.bias, 0)
+    normalized = F.batch_norm(
+        maps14.permute(0, 3, 1, 2),
+        norm.running_mean,
+        norm.running_var,
+        norm.weight,
+        norm.bias,
+        False,
+        0.0,
+        norm.eps,
+    )
+    active = normalized.relu_().permute(0, 2, 3, 1).contiguous()
+    conv28 = generator.to_28[1]
+    logits = _stage_forward_t(active, _folded(conv28.weight), conv28.bias, 2)
+    return logits.permute(0, 3, 1, 2).sigmoid()  # (B, 1, 28, 28)
+
+
+def _folded(weight: torch.Tensor) -> torch.Tensor:
+    """(in, out, 5, 5) transposed-convolution weight -> (in, [q1 q2 r1 r2 out]) taps."""
+    in_channels, out_channels = weight.shape[:2]
+    fold = _fold_matrix_on(weight.device, weight.dtype)
+    kernel = weight.reshape(in_channels * out_channels, KERNEL * KERNEL) @ fold
+    kernel = kernel.view(in_channels, out_channels, TAPS * TAPS * 4).transpose(1, 2)
+    return kernel.reshape(in_channels, -1)
+
+
+def _stage_forward(
+    x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """Upsample x2 and transposed 5x5 convolution of channels-last x (B, H, W, in).
+
+    One matrix product per tap, each added into its shifted window at once: the nine
+    products stay in cache, where one product for all taps would not.
+    """
+    batch, height, width, in_channels = x.shape
+    out_channels = bias.shape[0]
+    inputs = x.view(-1, in_channels)
+    kernel = kernel.view(in_channels, TAPS * TAPS, 4 * out_channels)
+    phases = bias.repeat(4).expand(batch, height + 2, width + 2, 4 * out_channels).clone()
+    for q1 in range(TAPS):
+        for q2 in range(TAPS):
+            taps = inputs @ kernel[:, q1 * TAPS + q2]  # (B*H*W, [r1 r2 out])
+            phases[:, q1 : q1 + height, q2 : q2 + width] += taps.view(batch, height, width, -1)
+    return _interleave(phases.view(batch, height + 2, width + 2, 2, 2, out_channels), padding)
+
+
+def _interleave(phases: torch.Tensor, padding: int) -> torch.Tensor:
+    """(B, H', W', 2, 2, out) phases -> (B, 2H' - 2p, 2W' - 2p, out): row 2m + r is phase row
+    m of parity r (likewise for columns), less ``padding`` rows and columns on each side."""
+    batch, height, width, _, _, out_channels = phases.shape
+    if padding % 2:
+        raise ValueError(f"padding must be even, got {padding}")
+    crop = padding // 2
+    phases = phases[:, crop : height - crop, crop : width - crop]
+    out = phases.permute(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, 2 * (height - 2 * crop), 2 * (width - 2 * crop), out_channels)
+
+
+def _stage_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    conv: torch.nn.ConvTranspose2d,
+    padding: int,
+) -> torch.Tensor:
+    """Set the stage's weight and bias gradients; return the gradient of its input x."""
+    batch, height, width, in_channels = x.shape
+    out_channels = conv.weight.shape[1]
+    if padding:
+        grad = F.pad(grad, (0, 0, padding, padding, padding, padding))
+    # Output row 2m + r is phase row m of parity r: (B, H+2, 2, W+2, 2, out) -> phases.
+    grad = grad.view(batch, height + 2, 2, width + 2, 2, out_channels)
+    phases = grad.permute(0, 1, 3, 2, 4, 5).reshape(batch, height + 2, width + 2, -1)
+    torch.sum(phases.view(-1, 4, out_channels), dim=(0, 1), out=conv.bias.grad)
+    s0, s1, s2, s3 = phases.stride()
+    taps = phases.as_strided(
+        (batch, height, width, TAPS, TAPS, phases.shape[3]), (s0, s1, s2, s1, s2, s3)
+    ).reshape(batch * height * width, -1)
+    inputs = x.reshape(-1, in_channels)
+    kernel_grad = inputs.t() @ taps  # (in, [q1 q2 r1 r2 out])
+    kernel_grad = kernel_grad.view(in_channels, -1, out_channels).transpose(1, 2)
+    fold = _fold_matrix_on(kernel_grad.device, kernel_grad.dtype)
+    weight_grad = kernel_grad.reshape(in_channels * out_channels, -1) @ fold.t()
+    conv.weight.grad.copy_(weight_grad.view_as(conv.weight))
+    return (taps @ kernel.t()).view(batch, height, width, in_channels)
+
+
+def _stage_forward_t(
+    x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """As :func:`_stage_forward`, with image positions as the inner dimension of the taps.
+
+    Faster when the output has few channels: each shifted addition then runs over rows of
+    an image rather than over a handful of channels.
+    """
+    batch, height, width, in_channels = x.shape
+    out_channels = bias.shape[0]
+    # ([q1 q2 r1 r2 out], in) @ (in, B*H*W): one product yields every tap.
+    taps = kernel.t() @ x.view(-1, in_channels).t()
+    taps = taps.view(TAPS, TAPS, 4 * out_channels, batch, height, width)
+    phases = bias.repeat(4).view(-1, 1, 1, 1).expand(-1, batch, height + 2, width + 2)
+    phases = phases.contiguous()  # ([r1 r2 out], B, H + 2, W + 2)
+    for q1 in range(TAPS):
+        for q2 in range(TAPS):
+            phases[:, :, q1 : q1 + height, q2 : q2 + width] += taps[q1, q2]
+    phases = phases.view(2, 2, out_channels, batch, height + 2, width + 2)
+    return _interleave(phases.permute(3, 4, 5, 0, 1, 2), padding)
+
+
+def _stage_backward_t(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    conv: torch.nn.ConvTranspose2d,
+    padding: int,
+) -> torch.Tensor:
+    """As :func:`_stage_backward`, for :func:`_stage_forward_t`."""
+    batch, height, width, in_channels = x.shape
+    out_channels = conv.weight.shape[1]
+    if padding:
+        grad = F.pad(grad, (0, 0, padding, padding, padding, padding))
+    grad = grad.view(batch, height + 2, 2, width + 2, 2, out_channels)
+    phases = grad.permute(2, 4, 5, 0, 1, 3).contiguous()  # (2, 2, out, B, H+2, W+2)
+    torch.sum(phases.view(4, out_channels, -1), dim=(0, 2), out=conv.bias.grad)
+    phases = phases.view(4 * out_channels, batch, height + 2, width + 2)
+    s0, s1, s2, s3 = phases.stride()
+    taps = phases.as_strided(
+        (TAPS, TAPS, 4 * out_channels, batch, height, width), (s2, s3, s0, s1, s2, s3)
+    ).reshape(-1, batch * height * width)  # ([q r out], B*H*W)
+    inputs = x.view(-1, in_channels)
+    kernel_grad = (taps @ inputs).t()  # (in, [q r out])
+    kernel_grad = kernel_grad.reshape(in_channels, -1, out_channels).transpose(1, 2)
+    fold = _fold_matrix_on(kernel_grad.device, kernel_grad.dtype)
+    weight_grad = kernel_grad.reshape(in_channels * out_channels, -1) @ fold.t()
+    conv.weight.grad.copy_(weight_grad.view_as(conv.weight))
+    return (taps.t() @ kernel.t()).view(batch, height, width, in_channels)
+
+
+class FusedAdamSteps:
+    """One epoch of steps of a fused ``torch.optim.Adam``, without its per-step Python work.
+
+    ``Adam.step`` regroups every parameter and its state on each call, which at a batch
+    of 32 costs more than the update itself. The first call here runs ``Adam.step`` (which
+    also creates missing state); later calls pass the same lists straight to the fused
+    kernel that ``Adam.step`` calls, so the updates are identical. Make a new one after the
+    optimizer's state is replaced (``load_state_dict``); the trainer makes one per epoch.
+    Every ``.grad`` must stay the same tensor between calls, as :class:`GloStep` keeps it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Adam) -> None:
+        self.optimizer = optimizer
+        self.groups: list[tuple[dict, list[list[torch.Tensor]]]] | None = None
+        self.steps: list[torch.Tensor] = []
+        defaults = optimizer.defaults
+        self.enabled = bool(
+            defaults.get("fused")
+            and not defaults.get("amsgrad")
+            and not defaults.get("maximize")
+            and not defaults.get("differentiable")
+            and not defaults.get("decoupled_weight_decay", False)
+        )
+
+    def __call__(self) -> None:
+        if self.groups is None:
+            self.optimizer.step()
+            if self.enabled:
+                self.groups = self._lists()
+            return
+        torch._foreach_add_(self.steps, 1)
+        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in self.groups:
+            beta1, beta2 = group["betas"]
+            torch._fused_adam_(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
+
+    def _lists(self) -> list[tuple[dict, list[list[torch.Tensor]]]]:
+        groups = []
+        for group in self.optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self.optimizer.state[p] for p in params]
+            lists = [
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+            ]
+            self.steps.extend(lists[-1])
+            groups.append((group, lists))
+        return groups
