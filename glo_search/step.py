@@ -40,8 +40,17 @@ class GloStep:
         self.linears = [generator.fc[i] for i in FC_LAYERS]
         self.conv14, self.norm = generator.to_14[1], generator.to_14[2]
         self.conv28 = generator.to_28[1]
-        for parameter in [*generator.parameters(), *codes.parameters()]:
-            parameter.grad = torch.zeros_like(parameter)
+        self.allocate_gradients()
+
+    def allocate_gradients(self) -> None:
+        """Give each parameter without one a zero ``.grad``, which the step writes into.
+
+        ``optimizer.zero_grad(set_to_none=True)`` removes them; the trainer calls this at
+        the start of each epoch.
+        """
+        for parameter in [*self.generator.parameters(), *self.codes.parameters()]:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
 
     @torch.no_grad()
     def __call__(

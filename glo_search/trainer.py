@@ -118,6 +118,8 @@ class Trainer:
             )
             noise.mul_(config.noise_std)
         total = torch.zeros((), device=self.device)
+        if self.step is not None:
+            self.step.allocate_gradients()
         update = FusedAdamSteps(self.optimizer)
         for start in range(0, len(order), config.batch_size):
             stop = start + config.batch_size
