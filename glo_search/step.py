@@ -67,12 +67,29 @@ class GloStep:
         classes, ``images`` (B, 1, 28, 28) the targets and ``noise`` (B, content_dim) the
         noise added to the content codes, or None.
         """
-        codes = self.codes
-        batch = len(indices)
-        content = codes.content.index_select(0, indices)  # (B, content_dim)
-        class_code = codes.classes.index_select(0, labels)  # (B, class_dim)
+        content = self.codes.content.index_select(0, indices)  # (B, content_dim)
+        class_code = self.codes.classes.index_select(0, labels)  # (B, class_dim)
         noisy = content if noise is None else content + noise
-        hidden = [torch.cat([class_code, noisy], dim=1)]
+        saved = self._forward(class_code, noisy)
+        output = saved.pop("output")  # (B, 28, 28)
+        diff = (output - images.view(output.shape)).view(-1)
+        loss, grad = self._pixel_loss(diff)
+        grad = torch.ops.aten.sigmoid_backward(grad, output.view(-1))
+        grad = self._backward(grad.view(*output.shape, 1), **saved)  # (B, code sizes)
+
+        class_dim = class_code.shape[1]
+        self.codes.classes.grad.zero_().index_add_(0, labels, grad[:, :class_dim])
+        content_grad = grad[:, class_dim:]
+        if content_decay > 0:
+            loss += content_decay * content.square().sum(dim=1).mean()
+            content_grad = content_grad.add(content, alpha=2 * content_decay / len(content))
+        self.codes.content.grad.zero_().index_copy_(0, indices, content_grad)
+        return loss
+
+    def _forward(self, class_code: torch.Tensor, content_code: torch.Tensor) -> dict:
+        """Run the generator in training mode; return its output and what backward needs."""
+        batch = len(class_code)
+        hidden = [torch.cat([class_code, content_code], dim=1)]
         for linear in self.linears:
             hidden.append(torch.addmm(linear.bias, hidden[-1], linear.weight.t()).relu_())
         # (B, 400) as (B, 16, 5, 5), made channels-last (B, 5, 5, 16).
@@ -95,11 +112,31 @@ class GloStep:
         active = normalized.relu_().permute(0, 2, 3, 1).contiguous()  # (B, 14, 14, 16)
         kernel28 = _folded(self.conv28.weight)
         logits = _stage_forward_t(active, kernel28, self.conv28.bias, 2)  # (B, 28, 28, 1)
-        output = logits.view(batch, 28, 28).sigmoid()
-        diff = (output - images.view(batch, 28, 28)).view(-1)
-        loss, grad = self._pixel_loss(diff)
-        grad = torch.ops.aten.sigmoid_backward(grad, output.view(-1)).view(batch, 28, 28, 1)
+        return {
+            "output": logits.view(batch, 28, 28).sigmoid(),
+            "hidden": hidden,
+            "maps5": maps5,
+            "kernel14": kernel14,
+            "maps14": maps14,
+            "batch_stats": (mean, invstd),
+            "active": active,
+            "kernel28": kernel28,
+        }
 
+    def _backward(
+        self,
+        grad: torch.Tensor,
+        hidden: list[torch.Tensor],
+        maps5: torch.Tensor,
+        kernel14: torch.Tensor,
+        maps14: torch.Tensor,
+        batch_stats: tuple[torch.Tensor, torch.Tensor],
+        active: torch.Tensor,
+        kernel28: torch.Tensor,
+    ) -> torch.Tensor:
+        """Set the generator's gradients from the logits' gradient (B, 28, 28, 1); return
+        the gradient of the generator's input (B, class_dim + content_dim)."""
+        norm = self.norm
         grad = _stage_backward_t(grad, active, kernel28, self.conv28, 2)  # (B, 14, 14, 16)
         grad = torch.ops.aten.threshold_backward(grad, active, 0)
         grad, weight_grad, bias_grad = torch.ops.aten.native_batch_norm_backward(
@@ -108,8 +145,7 @@ class GloStep:
             norm.weight,
             norm.running_mean,
             norm.running_var,
-            mean,
-            invstd,
+            *batch_stats,
             True,
             norm.eps,
             [True, True, True],
@@ -117,23 +153,15 @@ class GloStep:
         norm.weight.grad.copy_(weight_grad)
         norm.bias.grad.copy_(bias_grad)
         grad = grad.permute(0, 2, 3, 1).contiguous()
-        grad = _stage_backward(grad, maps5, kernel14, self.conv14, 0)
-        grad = grad.permute(0, 3, 1, 2).reshape(batch, -1)  # (B, 400)
-        for linear, inputs, outputs in zip(
-            reversed(self.linears), reversed(hidden[:-1]), reversed(hidden[1:]), strict=True
-        ):
+        grad = _stage_backward(grad, maps5, kernel14, self.conv14, 0)  # (B, 5, 5, 16)
+        grad = grad.permute(0, 3, 1, 2).reshape(len(grad), -1)  # (B, 400)
+        layers = reversed(list(zip(self.linears, hidden[:-1], hidden[1:], strict=True)))
+        for linear, inputs, outputs in layers:
             grad = torch.ops.aten.threshold_backward(grad, outputs, 0)
             torch.mm(grad.t(), inputs, out=linear.weight.grad)
             torch.sum(grad, dim=0, out=linear.bias.grad)
             grad = grad @ linear.weight
-        class_dim = class_code.shape[1]
-        codes.classes.grad.zero_().index_add_(0, labels, grad[:, :class_dim])
-        content_grad = grad[:, class_dim:]
-        if content_decay > 0:
-            loss += content_decay * content.square().sum(dim=1).mean()
-            content_grad = content_grad.add(content, alpha=2 * content_decay / batch)
-        codes.content.grad.zero_().index_copy_(0, indices, content_grad)
-        return loss
+        return grad
 
     def _pixel_loss(self, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the loss of flat output - target differences and its gradient."""

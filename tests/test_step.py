@@ -111,3 +111,12 @@ def test_hand_written_and_autograd_trainers_learn_alike(small_dataset):
     assert hand.evaluate()["recon_error"] == pytest.approx(
         plain.evaluate()["recon_error"], rel=1e-2
     )
+
+
+def test_epoch_after_gradients_set_to_none(small_dataset):
+    trainer = Trainer(TrainConfig(num_images=200, swap_sources=50), small_dataset, device="cpu")
+    trainer.train_epoch()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    before = trainer.codes.content.detach().clone()
+    trainer.train_epoch()
+    assert not torch.equal(trainer.codes.content, before)
