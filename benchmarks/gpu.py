@@ -9,7 +9,8 @@ none. It measures, side by side in one run:
   that the GPU's float32 matrix-product rate (an 8192 x 8192 product, TF32 off as in
   torch's default) allows at the model's FLOPs per training image;
 - the same trainer with the generator's nn.Sequential path (upsampling, then
-  ConvTranspose2d through cuDNN) in place of the fused kernels that were tuned on CPUs;
+  ConvTranspose2d through cuDNN) in place of the fused kernels that were tuned on CPUs
+  (on a GPU the trainer runs them through autograd, not by its CPU hand-written step);
 - one evaluate() against one train_epoch().
 """
 
