@@ -27,6 +27,7 @@ FC_LAYERS = (0, 2, 4)  # indices of the Linear layers in GloGenerator.fc
 
 
 def supported(generator: torch.nn.Module, loss: str) -> bool:
+    """Return whether :class:`GloStep` can train this generator with this loss."""
     return type(generator) is GloGenerator and loss in LOSS_GRADIENT
 
 
@@ -164,7 +165,7 @@ class GloStep:
         return grad
 
     def _pixel_loss(self, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the loss of flat output - target differences and its gradient."""
+        """Return the loss of the flat differences output - target, and its gradient."""
         pixels = diff.numel()
         signs = diff.sign()
         # Sums as dot products: sum |d| = d . sign(d), sum d^2 = d . d.
@@ -181,8 +182,9 @@ class GloStep:
 def decode(
     generator: GloGenerator, class_code: torch.Tensor, content_code: torch.Tensor
 ) -> torch.Tensor:
-    """The ``glo`` generator's output in evaluation mode (batch-norm running statistics),
-    by the same stages as :class:`GloStep`; equal to ``generator(...)`` to float rounding."""
+    """Decode codes with the ``glo`` generator in evaluation mode (batch-norm running
+    statistics), by the stages of :class:`GloStep`. Equals ``generator(...)`` to float
+    rounding."""
     batch = len(class_code)
     hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
     maps5 = hidden.view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1).contiguous()
@@ -205,7 +207,7 @@ def decode(
 
 
 def _folded(weight: torch.Tensor) -> torch.Tensor:
-    """(in, out, 5, 5) transposed-convolution weight -> (in, [q1 q2 r1 r2 out]) taps."""
+    """Fold an (in, out, 5, 5) transposed-convolution weight into (in, [q1 q2 r1 r2 out]) taps."""
     in_channels, out_channels = weight.shape[:2]
     fold = _fold_matrix_on(weight.device, weight.dtype)
     kernel = weight.reshape(in_channels * out_channels, KERNEL * KERNEL) @ fold
@@ -216,7 +218,7 @@ def _folded(weight: torch.Tensor) -> torch.Tensor:
 def _stage_forward(
     x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, padding: int
 ) -> torch.Tensor:
-    """Upsample x2 and transposed 5x5 convolution of channels-last x (B, H, W, in).
+    """Upsample channels-last x (B, H, W, in) x2 and apply a transposed 5x5 convolution.
 
     One matrix product per tap, each added into its shifted window at once: the nine
     products stay in cache, where one product for all taps would not.
@@ -234,8 +236,11 @@ def _stage_forward(
 
 
 def _interleave(phases: torch.Tensor, padding: int) -> torch.Tensor:
-    """(B, H', W', 2, 2, out) phases -> (B, 2H' - 2p, 2W' - 2p, out): row 2m + r is phase row
-    m of parity r (likewise for columns), less ``padding`` rows and columns on each side."""
+    """Interleave (B, H', W', 2, 2, out) phases into a (B, 2H' - 2p, 2W' - 2p, out) map.
+
+    Row 2m + r is phase row m of parity r (likewise for columns), less ``padding`` rows
+    and columns on each side.
+    """
     batch, height, width, _, _, out_channels = phases.shape
     if padding % 2:
         raise ValueError(f"padding must be even, got {padding}")
@@ -265,19 +270,27 @@ def _stage_backward(
     taps = phases.as_strided(
         (batch, height, width, TAPS, TAPS, phases.shape[3]), (s0, s1, s2, s1, s2, s3)
     ).reshape(batch * height * width, -1)
-    inputs = x.reshape(-1, in_channels)
-    kernel_grad = inputs.t() @ taps  # (in, [q1 q2 r1 r2 out])
-    kernel_grad = kernel_grad.view(in_channels, -1, out_channels).transpose(1, 2)
+    _set_weight_grad(conv, x.view(-1, in_channels).t() @ taps)
+    return (taps @ kernel.t()).view(batch, height, width, in_channels)
+
+
+def _set_weight_grad(conv: torch.nn.ConvTranspose2d, kernel_grad: torch.Tensor) -> None:
+    """Write the gradient of the taps (in, [q1 q2 r1 r2 out]) to the 5x5 weight's ``.grad``.
+
+    The taps are the weight times the 0/1 fold matrix, so their gradient maps back
+    through its transpose.
+    """
+    in_channels, out_channels = conv.weight.shape[:2]
+    kernel_grad = kernel_grad.reshape(in_channels, -1, out_channels).transpose(1, 2)
     fold = _fold_matrix_on(kernel_grad.device, kernel_grad.dtype)
     weight_grad = kernel_grad.reshape(in_channels * out_channels, -1) @ fold.t()
     conv.weight.grad.copy_(weight_grad.view_as(conv.weight))
-    return (taps @ kernel.t()).view(batch, height, width, in_channels)
 
 
 def _stage_forward_t(
     x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, padding: int
 ) -> torch.Tensor:
-    """As :func:`_stage_forward`, with image positions as the inner dimension of the taps.
+    """Run :func:`_stage_forward` with image positions as the inner dimension of the taps.
 
     Faster when the output has few channels: each shifted addition then runs over rows of
     an image rather than over a handful of channels.
@@ -303,7 +316,7 @@ def _stage_backward_t(
     conv: torch.nn.ConvTranspose2d,
     padding: int,
 ) -> torch.Tensor:
-    """As :func:`_stage_backward`, for :func:`_stage_forward_t`."""
+    """Run :func:`_stage_backward` for :func:`_stage_forward_t`."""
     batch, height, width, in_channels = x.shape
     out_channels = conv.weight.shape[1]
     if padding:
@@ -316,22 +329,18 @@ def _stage_backward_t(
     taps = phases.as_strided(
         (TAPS, TAPS, 4 * out_channels, batch, height, width), (s2, s3, s0, s1, s2, s3)
     ).reshape(-1, batch * height * width)  # ([q r out], B*H*W)
-    inputs = x.view(-1, in_channels)
-    kernel_grad = (taps @ inputs).t()  # (in, [q r out])
-    kernel_grad = kernel_grad.reshape(in_channels, -1, out_channels).transpose(1, 2)
-    fold = _fold_matrix_on(kernel_grad.device, kernel_grad.dtype)
-    weight_grad = kernel_grad.reshape(in_channels * out_channels, -1) @ fold.t()
-    conv.weight.grad.copy_(weight_grad.view_as(conv.weight))
+    _set_weight_grad(conv, (taps @ x.view(-1, in_channels)).t())
     return (taps.t() @ kernel.t()).view(batch, height, width, in_channels)
 
 
 class FusedAdamSteps:
-    """One epoch of steps of a fused ``torch.optim.Adam``, without its per-step Python work.
+    """Steps of a fused ``torch.optim.Adam`` for one epoch, without its per-step Python work.
 
     ``Adam.step`` regroups every parameter and its state on each call, which at a batch
-    of 32 costs more than the update itself. The first call here runs ``Adam.step`` (which
-    also creates missing state); later calls pass the same lists straight to the fused
-    kernel that ``Adam.step`` calls, so the updates are identical. Make a new one after the
+    of 32 costs up to half as much as the update itself. The first call here runs
+    ``Adam.step``,
+    which also creates missing state. Later calls pass the same lists straight to the
+    fused kernel that ``Adam.step`` calls, so the updates are identical. Make a new one after the
     optimizer's state is replaced (``load_state_dict``); the trainer makes one per epoch.
     Every ``.grad`` must stay the same tensor between calls, as :class:`GloStep` keeps it.
     """
