@@ -338,11 +338,11 @@ class FusedAdamSteps:
 
     ``Adam.step`` regroups every parameter and its state on each call, which at a batch
     of 32 costs up to half as much as the update itself. The first call here runs
-    ``Adam.step``,
-    which also creates missing state. Later calls pass the same lists straight to the
-    fused kernel that ``Adam.step`` calls, so the updates are identical. Make a new one after the
-    optimizer's state is replaced (``load_state_dict``); the trainer makes one per epoch.
-    Every ``.grad`` must stay the same tensor between calls, as :class:`GloStep` keeps it.
+    ``Adam.step``, which also creates missing state. Later calls pass the same lists
+    straight to the fused kernel that ``Adam.step`` calls, so the updates are identical.
+    Make a new one after the optimizer's state is replaced (``load_state_dict``); the
+    trainer makes one per epoch. Every ``.grad`` must stay the same tensor between calls,
+    as :class:`GloStep` keeps it.
     """
 
     def __init__(self, optimizer: torch.optim.Adam) -> None:
