@@ -83,6 +83,64 @@ def test_style_attributes_slant_sign():
     assert slant[2] > 0.1
 
 
+def _plain_style_attributes(images: torch.Tensor) -> torch.Tensor:
+    """style_attributes written directly from its definition, in float64 on all pixels."""
+    x = images[:, 0].double()  # (N, H, W)
+    height, width = x.shape[1:]
+    ys = torch.arange(height, dtype=x.dtype).view(1, -1, 1)
+    xs = torch.arange(width, dtype=x.dtype).view(1, 1, -1)
+    mass = x.sum(dim=(1, 2)).clamp_min(1e-8)  # (N,)
+    dx = xs - ((x * xs).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
+    dy = ys - ((x * ys).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
+    mu20 = (x * dx * dx).sum(dim=(1, 2)) / mass
+    mu02 = (x * dy * dy).sum(dim=(1, 2)) / mass
+    mu11 = (x * dx * dy).sum(dim=(1, 2)) / mass
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
+    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
+    perimeter = torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)).clamp_min(1e-8)
+    thickness = 2 * mass / perimeter
+    slant = mu11 / mu02.clamp_min(1e-8)
+    return torch.stack([thickness, slant, mu20.sqrt()], dim=1).float()
+
+
+def _assert_style_matches_plain(images: torch.Tensor) -> None:
+    fast = m.style_attributes(images)
+    plain = _plain_style_attributes(images)
+    for j, name in enumerate(m.STYLE_ATTRIBUTES):
+        # A few units in the last place of float32; slant near 0 needs the absolute bound.
+        torch.testing.assert_close(fast[:, j], plain[:, j], rtol=3e-7, atol=1e-6, msg=name)
+
+
+def test_style_attributes_match_plain_on_digits(small_dataset):
+    from glo_search.config import TrainConfig
+    from glo_search.trainer import Trainer
+
+    trainer = Trainer(TrainConfig(num_images=200, swap_sources=50), small_dataset, device="cpu")
+    trainer.train_epoch()
+    generated = trainer.reconstruct()  # (200, 1, 28, 28) sigmoid outputs
+    # 400 images span more than one chunk of m.STYLE_CHUNK.
+    _assert_style_matches_plain(torch.cat([small_dataset.images, generated]))
+
+
+def test_style_attributes_match_plain_on_other_images():
+    generator = torch.Generator().manual_seed(0)
+    cases = {
+        "uniform noise, not square": torch.rand(30, 1, 20, 33, generator=generator),
+        "sparse ink": (torch.rand(30, 1, 28, 28, generator=generator) > 0.97).float(),
+        "blank": torch.zeros(3, 1, 28, 28),
+        "strokes": torch.stack([_stroke(w, s) for w in (1, 3, 6) for s in (-4, 0, 4)]),
+    }
+    for name, images in cases.items():
+        fast = m.style_attributes(images)
+        assert fast.shape == (len(images), 3), name
+        _assert_style_matches_plain(images)
+
+
+def test_style_attributes_of_no_images():
+    assert m.style_attributes(torch.zeros(0, 1, 28, 28)).shape == (0, 3)
+
+
 def _swap_data(num_sources: int = 60):
     torch.manual_seed(0)
     labels = torch.arange(num_sources) % 10
