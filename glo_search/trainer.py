@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 # 0.22 s in one chunk on one core of a 2-core AMD EPYC VM. A GPU wants large chunks.
 EVAL_BATCH = {"cpu": 128}
 DEFAULT_EVAL_BATCH = 4096
+# Images per reference-classifier call in evaluation, by device type. On one CPU core,
+# chunks of 64 classified the swaps about 10% faster than chunks of 128.
+CLASSIFIER_BATCH = {"cpu": 64}
 CHECKPOINT_FILE = "trainer.pt"
 
 
@@ -160,7 +163,8 @@ class Trainer:
         swap_outputs = outputs[count:]
         nearest = m.nearest_classes(class_codes.cpu())
         if self.classifier is not None:
-            predicted = digit_classifier.predict(self.classifier, swap_outputs)
+            chunk = CLASSIFIER_BATCH.get(self.device.type, DEFAULT_EVAL_BATCH)
+            predicted = digit_classifier.predict(self.classifier, swap_outputs, chunk)
             fidelity = m.class_fidelity(predicted, self.swaps.targets)
         else:
             fidelity = float("nan")

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from plain_metrics import plain_style_attributes
 
 from glo_search import metrics as m
 
@@ -83,32 +84,11 @@ def test_style_attributes_slant_sign():
     assert slant[2] > 0.1
 
 
-def _plain_style_attributes(images: torch.Tensor) -> torch.Tensor:
-    """style_attributes written directly from its definition, in float64 on all pixels."""
-    x = images[:, 0].double()  # (N, H, W)
-    height, width = x.shape[1:]
-    ys = torch.arange(height, dtype=x.dtype).view(1, -1, 1)
-    xs = torch.arange(width, dtype=x.dtype).view(1, 1, -1)
-    mass = x.sum(dim=(1, 2)).clamp_min(1e-8)  # (N,)
-    dx = xs - ((x * xs).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
-    dy = ys - ((x * ys).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
-    mu20 = (x * dx * dx).sum(dim=(1, 2)) / mass
-    mu02 = (x * dy * dy).sum(dim=(1, 2)) / mass
-    mu11 = (x * dx * dy).sum(dim=(1, 2)) / mass
-    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
-    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
-    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
-    perimeter = torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)).clamp_min(1e-8)
-    thickness = 2 * mass / perimeter
-    slant = mu11 / mu02.clamp_min(1e-8)
-    return torch.stack([thickness, slant, mu20.sqrt()], dim=1).float()
-
-
 def _assert_style_matches_plain(images: torch.Tensor) -> None:
     fast = m.style_attributes(images)
-    plain = _plain_style_attributes(images)
+    plain = plain_style_attributes(images)
     for j, name in enumerate(m.STYLE_ATTRIBUTES):
-        # A few units in the last place of float32; slant near 0 needs the absolute bound.
+        # A few units in the last place of float32. Slant near 0 needs the absolute bound.
         torch.testing.assert_close(fast[:, j], plain[:, j], rtol=3e-7, atol=1e-6, msg=name)
 
 
