@@ -92,9 +92,7 @@ class Trainer:
         self.noise_rng = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.classifier = None
         if classifier_state:
-            # Channels-last convolutions are about twice as fast on a CPU (same predictions).
-            model = digit_classifier.build(classifier_state, self.device)
-            self.classifier = model.to(memory_format=torch.channels_last)
+            self.classifier = digit_classifier.build(classifier_state, self.device)
         self.swaps = m.build_swaps(dataset.labels, config.swap_sources, config.seed)
         self.source_attributes = m.style_attributes(dataset.images[self.swaps.sources])
 
