@@ -59,7 +59,6 @@ IDEAL_NEIGHBOURS: dict[int, tuple[int, ...]] = {
     9: (3, 8),
 }
 STYLE_ATTRIBUTES = ("thickness", "slant", "width")
-STYLE_CHUNK = 256  # images per chunk in style_attributes
 
 
 def metric_mode(name: str) -> str:
@@ -111,11 +110,6 @@ def style_attributes(images: torch.Tensor) -> torch.Tensor:
     bit, and thickness differed from it by at most 1 unit in the last place.
     """
     x = images[:, 0]  # (N, H, W)
-    # Chunks keep the per-pixel temporaries in cache and out of fresh allocations.
-    return torch.cat([_style_attributes(chunk) for chunk in x.split(STYLE_CHUNK)])
-
-
-def _style_attributes(x: torch.Tensor) -> torch.Tensor:
     mass, mu20, mu02, mu11 = _ink_moments(x)
     perimeter = _ink_perimeter(x).clamp_min(1e-8)
     thickness = 2 * mass / perimeter
@@ -134,13 +128,10 @@ def _ink_moments(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     count, height, width = x.shape
     ys = torch.arange(height, dtype=x.dtype, device=x.device)
     xs = torch.arange(width, dtype=x.dtype, device=x.device)
-    # Column indices measured from the centre keep the row moments small, so the
-    # subtraction in row_dx cancels few digits.
-    centre = (width - 1) / 2
-    basis = torch.stack([torch.ones_like(xs), xs - centre], dim=1)  # (W, 2)
+    basis = torch.stack([torch.ones_like(xs), xs], dim=1)  # (W, 2)
     row_sums = (x.reshape(-1, width) @ basis).view(count, height, 2)
     rows = row_sums[..., 0]  # (N, H): ink per row
-    row_moments = row_sums[..., 1]  # (N, H): ink times (column - centre) per row
+    row_moments = row_sums[..., 1]  # (N, H): ink times column index, per row
     columns = x.sum(dim=1)  # (N, W): ink per column
     mass = rows.sum(dim=1).clamp_min(1e-8)  # (N,)
     mean_x = (columns @ xs) / mass
@@ -149,7 +140,7 @@ def _ink_moments(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     dy = ys - mean_y.view(-1, 1)  # (N, H)
     mu20 = (columns * dx * dx).sum(dim=1) / mass
     mu02 = (rows * dy * dy).sum(dim=1) / mass
-    row_dx = row_moments - (mean_x - centre).view(-1, 1) * rows  # (N, H): sum of x * dx
+    row_dx = row_moments - mean_x.view(-1, 1) * rows  # (N, H): sum of x * dx
     mu11 = (dy * row_dx).sum(dim=1) / mass
     return mass, mu20, mu02, mu11
 

@@ -99,7 +99,6 @@ def test_style_attributes_match_plain_on_digits(small_dataset):
     trainer = Trainer(TrainConfig(num_images=200, swap_sources=50), small_dataset, device="cpu")
     trainer.train_epoch()
     generated = trainer.reconstruct()  # (200, 1, 28, 28) sigmoid outputs
-    # 400 images span more than one chunk of m.STYLE_CHUNK.
     _assert_style_matches_plain(torch.cat([small_dataset.images, generated]))
 
 
