@@ -118,9 +118,10 @@ def _random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Te
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Return predicted labels (N,) for images (N, 1, 28, 28).
 
-    Chunks of 32-64 images ran fastest on one core of a 2-core AMD EPYC VM (Zen 4),
-    because the first layer's 32x26x26 maps of a chunk then stay in cache. Chunks of 128
-    took about 10% longer and chunks of 2,048 about three times as long.
+    On one core of a 2-core AMD EPYC VM (Zen 4), chunks of 2,048 images took twice as
+    long as chunks of 32-128, because a small chunk's 32x26x26 first-layer maps stay in
+    cache. Chunks of 64 were 0-8% faster than chunks of 128 over repeated runs
+    (``benchmarks/speed.py classifier``).
     """
     chunks = [model(chunk).argmax(1) for chunk in images.split(batch_size)]
     return torch.cat(chunks)
