@@ -23,6 +23,7 @@ COMMANDS = [
     ["speed.py", "plain"],
     ["speed.py", "kernels", "--threads", "1"],
     ["speed.py", "metrics", "--threads", "1"],
+    ["speed.py", "classifier", "--threads", "1"],
     ["speed.py", "memory"],
     ["sweep_speed.py", "overhead"],
 ]

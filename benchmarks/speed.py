@@ -3,6 +3,7 @@
     python benchmarks/speed.py arithmetic   # images/s against the FLOP/s of a matrix product
     python benchmarks/speed.py plain        # against a plain DataLoader loop; same learning
     python benchmarks/speed.py metrics      # time in evaluate() against time in train_epoch()
+    python benchmarks/speed.py classifier   # the reference classifier by chunk size and dtype
     python benchmarks/speed.py kernels      # fused upsample + transposed conv against PyTorch's
     python benchmarks/speed.py memory       # peak memory of one trial's process
 
@@ -14,6 +15,7 @@ the machine's load hits every case alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -205,7 +207,8 @@ def learning_comparison(epochs: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict
 
 def reference_evaluate(trainer: Trainer) -> None:
     """The evaluation as first written: two generator passes in chunks of 4,096, the module
-    path of the generator, the classifier in chunks of 2,048 and scikit-learn's probe."""
+    path of the generator, the classifier (ReLU before max-pooling) in chunks of 2,048,
+    style attributes in float64 over all pixels and scikit-learn's probe."""
     generator = trainer.generator.eval()
     codes = trainer.codes
     with torch.no_grad():
@@ -221,36 +224,99 @@ def reference_evaluate(trainer: Trainer) -> None:
         m.recon_error(decode(codes.classes[trainer.labels], codes.content), trainer.images)
         swaps = decode(codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources])
         model = digit_classifier.build(digit_classifier.load_state())
-        predicted = torch.cat([model(chunk).argmax(1) for chunk in swaps.split(2048)])
+        predicted = relu_first_predict(model, swaps, 2048, channels_last=False)
         m.class_fidelity(predicted, trainer.swaps.targets)
         m.style_transfer(
-            trainer.source_attributes, m.style_attributes(swaps), trainer.swaps.targets
+            trainer.source_attributes, plain_style_attributes(swaps), trainer.swaps.targets
         )
         sklearn_leakage(codes.content, trainer.labels, trainer.config.seed)
     generator.train()
 
 
-def evaluation_parts(trainer: Trainer) -> dict:
-    """Time the parts of Trainer.evaluate() one by one."""
+@torch.no_grad()
+def relu_first_predict(
+    model, images: torch.Tensor, batch_size: int, channels_last: bool = True
+) -> torch.Tensor:
+    """Predict labels as the classifier did before: ReLU, then max-pooling, after each
+    convolution, with a new tensor for each ReLU output, and channels-last unless told."""
+    features = model.features  # conv, pool, ReLU, conv, pool, ReLU
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=layout)
+        x = F.max_pool2d(F.relu(features[0](x)), 2)  # (B, 32, 13, 13)
+        x = F.max_pool2d(F.relu(features[3](x)), 2)  # (B, 64, 5, 5)
+        return model.head(x).argmax(1)
+
+    return torch.cat([forward(chunk) for chunk in images.split(batch_size)])
+
+
+def plain_style_attributes(images: torch.Tensor) -> torch.Tensor:
+    """metrics.style_attributes as first written: float64 on (N, H, W) temporaries."""
+    x = images[:, 0].double()  # (N, H, W)
+    height, width = x.shape[1:]
+    ys = torch.arange(height, dtype=x.dtype).view(1, -1, 1)
+    xs = torch.arange(width, dtype=x.dtype).view(1, 1, -1)
+    mass = x.sum(dim=(1, 2)).clamp_min(1e-8)  # (N,)
+    dx = xs - ((x * xs).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
+    dy = ys - ((x * ys).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
+    mu20 = (x * dx * dx).sum(dim=(1, 2)) / mass
+    mu02 = (x * dy * dy).sum(dim=(1, 2)) / mass
+    mu11 = (x * dx * dy).sum(dim=(1, 2)) / mass
+    padded = F.pad(x, (0, 1, 0, 1))
+    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
+    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
+    perimeter = torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)).clamp_min(1e-8)
+    slant = mu11 / mu02.clamp_min(1e-8)
+    return torch.stack([2 * mass / perimeter, slant, mu20.sqrt()], dim=1).float()
+
+
+def evaluation_parts(trainer: Trainer, classifier_before) -> dict:
+    """Time the parts of Trainer.evaluate() one by one, the classifier (given channels-last,
+    as it was then) and the style attributes as they were before, and a 2048 x 2048 matrix
+    product."""
     codes = trainer.codes
+    classifier = trainer.classifier
+    class_codes = torch.cat([codes.classes[trainer.labels], codes.classes[trainer.swaps.targets]])
+    content_codes = torch.cat([codes.content, codes.content[trainer.swaps.sources]])
     with torch.no_grad():
-        decode_s = timed(
-            lambda: trainer.generate(
-                torch.cat([codes.classes[trainer.labels], codes.classes[trainer.swaps.targets]]),
-                torch.cat([codes.content, codes.content[trainer.swaps.sources]]),
-            )
-        )
-        swaps = trainer.generate(
-            codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources]
-        )
-        return {
-            "decode": decode_s,
-            "classifier": timed(lambda: digit_classifier.predict(trainer.classifier, swaps)),
-            "style": timed(lambda: m.style_attributes(swaps)),
-            "leakage": timed(
-                lambda: m.content_leakage(codes.content, trainer.labels, trainer.config.seed)
-            ),
-        }
+        started = time.perf_counter()
+        outputs = trainer.generate(class_codes, content_codes)  # (N + M, 1, 28, 28)
+        decode_s = time.perf_counter() - started
+    swaps = outputs[len(trainer.labels) :]  # (M, 1, 28, 28)
+    predicted = digit_classifier.predict(classifier, swaps)
+    attributes = m.style_attributes(swaps)
+    return {
+        "decode": decode_s,
+        "classifier": timed(lambda: digit_classifier.predict(classifier, swaps)),
+        "classifier_before": timed(lambda: relu_first_predict(classifier_before, swaps, 128)),
+        "style": timed(lambda: m.style_attributes(swaps)),
+        "style_before": timed(lambda: plain_style_attributes(swaps)),
+        "probe": timed(
+            lambda: m.content_leakage(codes.content, trainer.labels, trainer.config.seed)
+        ),
+        "rest": timed(lambda: _rest_of_evaluate(trainer, outputs, predicted, attributes)),
+        "matmul_flops": matmul_rate(),
+    }
+
+
+def _rest_of_evaluate(
+    trainer: Trainer, outputs: torch.Tensor, predicted: torch.Tensor, attributes: torch.Tensor
+) -> None:
+    """Run the steps of Trainer.evaluate() that the parts above leave out."""
+    targets = trainer.swaps.targets
+    m.recon_error(outputs[: len(trainer.labels)], trainer.images)
+    m.ideal_neighbour_accuracy(m.nearest_classes(trainer.codes.classes.detach().cpu()))
+    m.class_fidelity(predicted, targets)
+    m.style_transfer(trainer.source_attributes, attributes, targets)
+
+
+def classifier_flops(model) -> float:
+    """Count the FLOPs of the classifier on one 28x28 image (convolutions and matrix
+    products, by torch.utils.flop_counter)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(64, 1, 28, 28))
+    return counter.get_total_flops() / 64
 
 
 def metrics(args) -> dict:
@@ -267,23 +333,12 @@ def metrics(args) -> dict:
         args.rounds,
     )
     train_s, eval_s, reference_s = (median(times[k]) for k in ("train", "evaluate", "reference"))
-    parts = {k: median(v) for k, v in _collect(evaluation_parts, trainer, args.rounds).items()}
     print(
         f"seconds (median of {args.rounds}): train_epoch {train_s:.3f}, evaluate {eval_s:.3f} "
         f"(first version {reference_s:.3f}, {reference_s / eval_s:.1f}x slower)"
     )
-    print("evaluate parts: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
-    schedules = {
-        "every epoch": set(range(1, 21)),
-        "ASHA rungs 2 6 18 and the last epoch": {2, 6, 18, 20},
-        "every 5 epochs, rungs and the last": {2, 5, 6, 10, 15, 18, 20},
-    }
-    shares = {}
-    print("share of a 20-epoch trial's time in metrics:")
-    for name, epochs in schedules.items():
-        share = len(epochs) * eval_s / (20 * train_s + len(epochs) * eval_s)
-        shares[name] = share
-        print(f"  {name:40s} {share:.2f}")
+    parts = _report_parts(trainer, eval_s, args.rounds)
+    shares = _report_shares(train_s, eval_s)
     differences = leakage_agreement(trainer, epochs=10)
     print(
         f"content_leakage, PyTorch L-BFGS probe minus scikit-learn's, over 10 more epochs: "
@@ -297,6 +352,53 @@ def metrics(args) -> dict:
         "shares": shares,
         "leakage_differences": differences,
     }
+
+
+def _report_parts(trainer: Trainer, eval_s: float, rounds: int) -> dict:
+    """Print the parts of evaluate, their share of it, and the classifier's FLOP/s."""
+    before_model = copy.deepcopy(trainer.classifier).to(memory_format=torch.channels_last)
+    collected = _collect(lambda t: evaluation_parts(t, before_model), trainer, rounds)
+    parts = {k: median(v) for k, v in collected.items()}
+    matmul_flops = parts.pop("matmul_flops")
+    before = {k: parts.pop(f"{k}_before") for k in ("classifier", "style")}
+    print(
+        "evaluate parts, seconds and share of evaluate: "
+        + ", ".join(f"{k} {v:.3f} ({v / eval_s:.2f})" for k, v in parts.items())
+        + f"; their sum {sum(parts.values()):.3f}"
+    )
+    print(
+        "before this version: "
+        + ", ".join(f"{k} {v:.3f} ({v / parts[k]:.1f}x slower)" for k, v in before.items())
+    )
+    per_image = classifier_flops(trainer.classifier)
+    count = len(trainer.swaps.targets)
+    rate = per_image * count / parts["classifier"]
+    print(
+        f"classifier: {per_image / 1e6:.2f} MFLOP per image, {rate / 1e9:.1f} GFLOP/s on "
+        f"{count} swaps; matrix product (2048 x 2048, float32) {matmul_flops / 1e9:.1f} "
+        f"GFLOP/s in the same rounds, so the classifier runs at {rate / matmul_flops:.2f} of it"
+    )
+    return {
+        **parts,
+        "before": before,
+        "classifier_flops_per_s": rate,
+        "matmul_flops_per_s": matmul_flops,
+    }
+
+
+def _report_shares(train_s: float, eval_s: float) -> dict:
+    schedules = {
+        "every epoch": set(range(1, 21)),
+        "ASHA rungs 2 6 18 and the last epoch": {2, 6, 18, 20},
+        "every 5 epochs, rungs and the last": {2, 5, 6, 10, 15, 18, 20},
+    }
+    shares = {}
+    print("share of a 20-epoch trial's time in metrics:")
+    for name, epochs in schedules.items():
+        share = len(epochs) * eval_s / (20 * train_s + len(epochs) * eval_s)
+        shares[name] = share
+        print(f"  {name:40s} {share:.2f}")
+    return shares
 
 
 def sklearn_leakage(codes: torch.Tensor, labels: torch.Tensor, seed: int) -> float:
@@ -333,6 +435,82 @@ def _collect(function, trainer: Trainer, rounds: int) -> dict[str, list[float]]:
         for key, value in function(trainer).items():
             collected.setdefault(key, []).append(value)
     return collected
+
+
+# --- classifier -------------------------------------------------------------------------
+
+
+def classifier(args) -> dict:
+    """Time the reference classifier on the default trainer's swaps by chunk size, memory
+    layout and dtype, and compare bfloat16 predictions with float32 ones at several epochs."""
+    trainer = _default_trainer(classifier=True)
+    agreement = bfloat16_agreement(trainer, epochs=(1, 3, 6, 12))
+    codes = trainer.codes
+    with torch.no_grad():
+        swaps = trainer.generate(
+            codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources]
+        )  # (M, 1, 28, 28)
+
+    rates: list[float] = []
+    cases = _classifier_cases(trainer.classifier, swaps)
+    cases["matrix product"] = lambda: rates.append(matmul_rate())
+    times = interleaved(cases, args.rounds)
+    del times["matrix product"]
+    rate = median(rates)
+
+    per_image = classifier_flops(trainer.classifier)
+    print(f"seconds for {len(swaps)} swaps (median of {args.rounds}), and GFLOP/s:")
+    figures = {"bfloat16_agreement": agreement, "matmul_flops_per_s": rate}
+    for name, values in times.items():
+        seconds = median(values)
+        figures[name] = seconds
+        print(f"  {name:45s} {seconds:.3f} s  {per_image * len(swaps) / seconds / 1e9:5.1f}")
+    print(f"matrix product (2048 x 2048, float32): {rate / 1e9:.1f} GFLOP/s (measured each round)")
+    return figures
+
+
+def _classifier_cases(model, swaps: torch.Tensor) -> dict:
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    swaps_channels_last = swaps.contiguous(memory_format=torch.channels_last)
+    bfloat16 = copy.deepcopy(model).to(torch.bfloat16)
+    swaps_bfloat16 = swaps.to(torch.bfloat16)
+    cases = {
+        f"chunks of {size}": lambda size=size: digit_classifier.predict(model, swaps, size)
+        for size in (32, 64, 128, 2048)
+    }
+    cases["channels-last, chunks of 64"] = lambda: digit_classifier.predict(
+        channels_last, swaps_channels_last
+    )
+    cases["before: ReLU before pooling, chunks of 128"] = lambda: relu_first_predict(
+        channels_last, swaps, 128
+    )
+    cases["bfloat16, chunks of 64"] = lambda: digit_classifier.predict(bfloat16, swaps_bfloat16)
+    return cases
+
+
+def bfloat16_agreement(trainer: Trainer, epochs: tuple[int, ...]) -> dict[int, float]:
+    """Train on; at each of ``epochs``, print and return the share of swaps whose bfloat16
+    prediction equals the float32 one."""
+    bfloat16 = copy.deepcopy(trainer.classifier).to(torch.bfloat16)
+    codes = trainer.codes
+    shares = {}
+    while trainer.epoch < max(epochs):
+        trainer.train_epoch()
+        if trainer.epoch not in epochs:
+            continue
+        with torch.no_grad():
+            swaps = trainer.generate(
+                codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources]
+            )
+        full = digit_classifier.predict(trainer.classifier, swaps)
+        half = digit_classifier.predict(bfloat16, swaps.to(torch.bfloat16))
+        differing = int((full != half).sum())
+        shares[trainer.epoch] = 1 - differing / len(swaps)
+        print(
+            f"epoch {trainer.epoch}: bfloat16 and float32 predictions differ on {differing} "
+            f"of {len(swaps)} swaps (agreement {shares[trainer.epoch]:.4f})"
+        )
+    return shares
 
 
 # --- kernels ----------------------------------------------------------------------------
@@ -421,6 +599,7 @@ FIGURES = {
     "arithmetic": arithmetic,
     "plain": plain,
     "metrics": metrics,
+    "classifier": classifier,
     "kernels": kernels,
     "memory": memory,
 }

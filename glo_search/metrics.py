@@ -103,26 +103,58 @@ def style_attributes(images: torch.Tensor) -> torch.Tensor:
     has mass w*L and perimeter about 2L. The perimeter is the total gradient magnitude.
     Slant is mu11 / mu02 and width is sqrt(mu20), from the second-order central moments
     of the ink, in pixels.
+
+    The moments come from row and column sums in float64. The gradient magnitude is
+    computed in float32 per pixel and summed in float64. On shipped and generated digits,
+    slant and width equalled a float64 computation over all pixels to the last float32
+    bit, and thickness differed from it by at most 1 unit in the last place.
     """
-    x = images[:, 0].double()  # (N, H, W)
-    height, width = x.shape[1:]
-    ys = torch.arange(height, dtype=x.dtype, device=x.device).view(1, -1, 1)
-    xs = torch.arange(width, dtype=x.dtype, device=x.device).view(1, 1, -1)
-    mass = x.sum(dim=(1, 2)).clamp_min(1e-8)  # (N,)
-    mean_x = (x * xs).sum(dim=(1, 2)) / mass
-    mean_y = (x * ys).sum(dim=(1, 2)) / mass
-    dx = xs - mean_x.view(-1, 1, 1)
-    dy = ys - mean_y.view(-1, 1, 1)
-    mu20 = (x * dx * dx).sum(dim=(1, 2)) / mass
-    mu02 = (x * dy * dy).sum(dim=(1, 2)) / mass
-    mu11 = (x * dx * dy).sum(dim=(1, 2)) / mass
-    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
-    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
-    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
-    perimeter = torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)).clamp_min(1e-8)
+    x = images[:, 0]  # (N, H, W)
+    mass, mu20, mu02, mu11 = _ink_moments(x)
+    perimeter = _ink_perimeter(x).clamp_min(1e-8)
     thickness = 2 * mass / perimeter
     slant = mu11 / mu02.clamp_min(1e-8)
-    return torch.stack([thickness, slant, mu20.sqrt()], dim=1).float()
+    return torch.stack([thickness, slant, mu20.sqrt()], dim=1).float()  # (N, 3)
+
+
+def _ink_moments(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Return the ink mass and the central moments mu20, mu02, mu11 of (N, H, W) images.
+
+    Each moment is a weighted sum of row or column sums. The sum over pixels of
+    x * dx * dx is the sum over columns of colsum * dx^2. The sum of x * dx * dy is the
+    sum over rows of dy times the row's sum of x * dx.
+    """
+    x = x.double()
+    count, height, width = x.shape
+    ys = torch.arange(height, dtype=x.dtype, device=x.device)
+    xs = torch.arange(width, dtype=x.dtype, device=x.device)
+    basis = torch.stack([torch.ones_like(xs), xs], dim=1)  # (W, 2)
+    row_sums = (x.reshape(-1, width) @ basis).view(count, height, 2)
+    rows = row_sums[..., 0]  # (N, H): ink per row
+    row_moments = row_sums[..., 1]  # (N, H): ink times column index, per row
+    columns = x.sum(dim=1)  # (N, W): ink per column
+    mass = rows.sum(dim=1).clamp_min(1e-8)  # (N,)
+    mean_x = (columns @ xs) / mass
+    mean_y = (rows @ ys) / mass
+    dx = xs - mean_x.view(-1, 1)  # (N, W)
+    dy = ys - mean_y.view(-1, 1)  # (N, H)
+    mu20 = (columns * dx * dx).sum(dim=1) / mass
+    mu02 = (rows * dy * dy).sum(dim=1) / mass
+    row_dx = row_moments - mean_x.view(-1, 1) * rows  # (N, H): sum of x * dx
+    mu11 = (dy * row_dx).sum(dim=1) / mass
+    return mass, mu20, mu02, mu11
+
+
+def _ink_perimeter(x: torch.Tensor) -> torch.Tensor:
+    """Return the (N,) sums of the forward-difference gradient magnitude, in float64.
+
+    The image is padded with one zero row and column, so the last row and column count
+    their drop to the background.
+    """
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))  # (N, H + 1, W + 1)
+    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
+    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
+    return torch.hypot(grad_x, grad_y).sum(dim=2).double().sum(dim=1)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 # 0.22 s in one chunk on one core of a 2-core AMD EPYC VM. A GPU wants large chunks.
 EVAL_BATCH = {"cpu": 128}
 DEFAULT_EVAL_BATCH = 4096
+# Images per reference-classifier call in evaluation, by device type. On one CPU core,
+# chunks of 64 classified the swaps 0-8% faster than chunks of 128 and twice as fast as
+# chunks of 2,048.
+CLASSIFIER_BATCH = {"cpu": 64}
 CHECKPOINT_FILE = "trainer.pt"
 
 
@@ -96,9 +100,7 @@ class Trainer:
         self.noise_rng = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.classifier = None
         if classifier_state:
-            # Channels-last convolutions are about twice as fast on a CPU (same predictions).
-            model = digit_classifier.build(classifier_state, self.device)
-            self.classifier = model.to(memory_format=torch.channels_last)
+            self.classifier = digit_classifier.build(classifier_state, self.device)
         self.swaps = m.build_swaps(dataset.labels, config.swap_sources, config.seed)
         self.source_attributes = m.style_attributes(dataset.images[self.swaps.sources])
 
@@ -188,7 +190,8 @@ class Trainer:
         swap_outputs = outputs[count:]
         nearest = m.nearest_classes(class_codes.cpu())
         if self.classifier is not None:
-            predicted = digit_classifier.predict(self.classifier, swap_outputs)
+            chunk = CLASSIFIER_BATCH.get(self.device.type, DEFAULT_EVAL_BATCH)
+            predicted = digit_classifier.predict(self.classifier, swap_outputs, chunk)
             fidelity = m.class_fidelity(predicted, self.swaps.targets)
         else:
             fidelity = float("nan")

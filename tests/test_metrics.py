@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from plain_metrics import plain_style_attributes
 
 from glo_search import metrics as m
 
@@ -81,6 +82,42 @@ def test_style_attributes_slant_sign():
     assert slant[0] < -0.1
     assert abs(slant[1]) < 0.05
     assert slant[2] > 0.1
+
+
+def _assert_style_matches_plain(images: torch.Tensor) -> None:
+    fast = m.style_attributes(images)
+    plain = plain_style_attributes(images)
+    for j, name in enumerate(m.STYLE_ATTRIBUTES):
+        # A few units in the last place of float32. Slant near 0 needs the absolute bound.
+        torch.testing.assert_close(fast[:, j], plain[:, j], rtol=3e-7, atol=1e-6, msg=name)
+
+
+def test_style_attributes_match_plain_on_digits(small_dataset):
+    from glo_search.config import TrainConfig
+    from glo_search.trainer import Trainer
+
+    trainer = Trainer(TrainConfig(num_images=200, swap_sources=50), small_dataset, device="cpu")
+    trainer.train_epoch()
+    generated = trainer.reconstruct()  # (200, 1, 28, 28) sigmoid outputs
+    _assert_style_matches_plain(torch.cat([small_dataset.images, generated]))
+
+
+def test_style_attributes_match_plain_on_other_images():
+    generator = torch.Generator().manual_seed(0)
+    cases = {
+        "uniform noise, not square": torch.rand(30, 1, 20, 33, generator=generator),
+        "sparse ink": (torch.rand(30, 1, 28, 28, generator=generator) > 0.97).float(),
+        "blank": torch.zeros(3, 1, 28, 28),
+        "strokes": torch.stack([_stroke(w, s) for w in (1, 3, 6) for s in (-4, 0, 4)]),
+    }
+    for name, images in cases.items():
+        fast = m.style_attributes(images)
+        assert fast.shape == (len(images), 3), name
+        _assert_style_matches_plain(images)
+
+
+def test_style_attributes_of_no_images():
+    assert m.style_attributes(torch.zeros(0, 1, 28, 28)).shape == (0, 3)
 
 
 def _swap_data(num_sources: int = 60):

@@ -1,8 +1,10 @@
 import pytest
 import torch
+from plain_metrics import plain_classifier_logits, plain_style_attributes
 
+from glo_search import classifier
 from glo_search.config import TrainConfig
-from glo_search.metrics import METRICS
+from glo_search.metrics import METRICS, style_transfer
 from glo_search.trainer import Trainer, read_checkpoint
 
 
@@ -42,6 +44,27 @@ def test_evaluate_reports_every_metric(small_dataset, classifier_state):
         results["class_fidelity"] * results["style_transfer"]
     )
     assert all(results[f"nearest_{k}"] != k for k in range(10))
+
+
+def test_evaluate_matches_plain_metrics(small_dataset, classifier_state):
+    trainer = Trainer(_config(), small_dataset, classifier_state, device="cpu")
+    for _ in range(2):
+        trainer.train_epoch()
+    results = trainer.evaluate()
+
+    sources, targets = trainer.swaps.sources, trainer.swaps.targets
+    codes = trainer.codes
+    swaps = trainer.generate(codes.classes[targets], codes.content[sources])
+    with torch.no_grad():
+        logits = plain_classifier_logits(classifier.build(classifier_state), swaps)
+    fidelity = (logits.argmax(1) == targets).double().mean().item()
+    transfer = style_transfer(
+        plain_style_attributes(small_dataset.images[sources]),
+        plain_style_attributes(swaps),
+        targets,
+    )
+    assert results["class_fidelity"] == fidelity
+    assert results["style_transfer"] == pytest.approx(transfer, abs=1e-6)
 
 
 def test_evaluate_without_classifier_reports_nan_fidelity(small_dataset):
