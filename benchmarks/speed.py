@@ -224,6 +224,7 @@ def reference_evaluate(trainer: Trainer) -> None:
         m.recon_error(decode(codes.classes[trainer.labels], codes.content), trainer.images)
         swaps = decode(codes.classes[trainer.swaps.targets], codes.content[trainer.swaps.sources])
         model = digit_classifier.build(digit_classifier.load_state())
+        model = model.to(memory_format=torch.contiguous_format)
         predicted = relu_first_predict(model, swaps, 2048, channels_last=False)
         m.class_fidelity(predicted, trainer.swaps.targets)
         m.style_transfer(
@@ -470,19 +471,21 @@ def classifier(args) -> dict:
 
 
 def _classifier_cases(model, swaps: torch.Tensor) -> dict:
-    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    swaps_channels_last = swaps.contiguous(memory_format=torch.channels_last)
+    default_layout = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     bfloat16 = copy.deepcopy(model).to(torch.bfloat16)
     swaps_bfloat16 = swaps.to(torch.bfloat16)
     cases = {
         f"chunks of {size}": lambda size=size: digit_classifier.predict(model, swaps, size)
         for size in (32, 64, 128, 2048)
     }
-    cases["channels-last, chunks of 64"] = lambda: digit_classifier.predict(
-        channels_last, swaps_channels_last
-    )
+
+    def default_layout_predict() -> torch.Tensor:
+        images = swaps.contiguous()  # (N, 1, 28, 28) with row-major strides
+        return torch.cat([default_layout(chunk).argmax(1) for chunk in images.split(64)])
+
+    cases["default layout (not channels-last), chunks of 64"] = default_layout_predict
     cases["before: ReLU before pooling, chunks of 128"] = lambda: relu_first_predict(
-        channels_last, swaps, 128
+        model, swaps, 128
     )
     cases["bfloat16, chunks of 64"] = lambda: digit_classifier.predict(bfloat16, swaps_bfloat16)
     return cases
