@@ -25,10 +25,17 @@ DEFAULTS = TrainConfig()
 SWEEP_OWN_FLAGS = ("epochs", "seed")
 
 
-def _field_help(name: str) -> str:
+# Sweep defaults that differ from TrainConfig's (glo_search.search._base_config).
+SWEEP_DEFAULT_TEXT = {"eval_every": "--max-epochs, so only the rungs and the last epoch"}
+
+
+def _field_help(name: str, sweep: bool = False) -> str:
     meta = FIELDS[name].metadata
     unit = f"; unit: {meta['unit']}" if meta["unit"] else ""
-    return f"{meta['help']} (default: {getattr(DEFAULTS, name)!r}{unit})"
+    default = repr(getattr(DEFAULTS, name))
+    if sweep:
+        default = SWEEP_DEFAULT_TEXT.get(name, default)
+    return f"{meta['help']} (default: {default}{unit})"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names, sweep: bool) -> None:
@@ -44,7 +51,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names, sweep: bool) -> No
                 dest=name,
                 action="store_true",
                 default=None if sweep else getattr(DEFAULTS, name),
-                help=_field_help(name),
+                help=_field_help(name, sweep),
             )
             continue
         kind = {"int": int, "float": float, "str": str}[field_type]
@@ -54,7 +61,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names, sweep: bool) -> No
             type=kind,
             metavar=name.upper(),
             default=None if sweep else getattr(DEFAULTS, name),
-            help=_field_help(name),
+            help=_field_help(name, sweep),
         )
 
 

@@ -63,7 +63,7 @@ class TrainConfig:
     download: bool = _field(False, "let torchvision download MNIST (needs a network)")
     seed: int = _field(0, "seed of code initialization, batch order and metric sampling")
     swap_sources: int = _field(
-        300, "content images used for the cross-class swap metrics", "images"
+        150, "content images used for the cross-class swap metrics", "images"
     )
     eval_every: int = _field(
         1,

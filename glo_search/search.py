@@ -163,9 +163,16 @@ def make_searcher(
 
 
 def _base_config(base_config: TrainConfig | dict | None, max_epochs: int) -> TrainConfig:
+    """Return the trials' fixed config: ``base_config`` with ``epochs = max_epochs``.
+
+    Unless ``base_config`` is a TrainConfig or a dict with ``eval_every``, a sweep computes
+    metrics only at the scheduler's rungs and the last epoch (``eval_every = max_epochs``):
+    at every epoch they would take over half of a sweep's time, and ASHA compares trials
+    at the rungs only.
+    """
     if isinstance(base_config, TrainConfig):
-        base_config = base_config.to_dict()
-    return from_dict({**(base_config or {}), "epochs": max_epochs})
+        return from_dict({**base_config.to_dict(), "epochs": max_epochs})
+    return from_dict({"eval_every": max_epochs, **(base_config or {}), "epochs": max_epochs})
 
 
 def _check_overlap(space: ResolvedSpace, fixed: dict | None) -> None:
@@ -354,7 +361,9 @@ def sweep(
         metric: the metric that the searcher optimizes, the scheduler stops on and
             checkpoints are kept by; its direction comes from ``glo_search.metrics``.
         base_config: fixed TrainConfig values for every trial (a TrainConfig or a dict
-            of overrides); keys the space varies must not appear here.
+            of overrides); keys the space varies must not appear here. Without
+            ``eval_every`` in a dict, trials compute metrics only at the scheduler's
+            rungs and the last epoch.
         scheduler: any Ray Tune TrialScheduler, created without metric and mode (the
             sweep sets them). Default: ASHA with ``grace_period`` and
             ``reduction_factor``, one unit of time per epoch.

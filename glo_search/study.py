@@ -97,7 +97,8 @@ def run_experiment(experiment: Experiment, plan: Plan, out: Path) -> Path:
         resume(folder, space=space)
         return folder
     base = {k: v for k, v in REFERENCE.items() if k != experiment.key}
-    base.update(num_images=plan.num_images, swap_sources=plan.swap_sources)
+    # Every epoch is evaluated: the findings read whole learning curves.
+    base.update(num_images=plan.num_images, swap_sources=plan.swap_sources, eval_every=1)
     logger.info("study: running %s, %d trials", experiment.name, expected)
     sweep(
         space,

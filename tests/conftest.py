@@ -55,7 +55,7 @@ def small_experiment(ray_session, tmp_path_factory):
         "default",
         num_samples=4,
         max_epochs=3,
-        base_config={"num_images": 200, "swap_sources": 100},
+        base_config={"num_images": 200, "swap_sources": 100, "eval_every": 1},
         storage=storage,
         name="small",
         grace_period=1,

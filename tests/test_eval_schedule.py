@@ -29,3 +29,25 @@ def test_train_run_evaluates_every_k_epochs(tmp_path):
     assert [row["epoch"] for row in history] == [2, 3]
     epochs = pd.read_parquet(tmp_path / "epochs.parquet")
     assert epochs["epoch"].tolist() == [2, 3]
+
+
+def test_sweep_evaluates_rungs_and_last_epoch_by_default(ray_session, tmp_path):
+    from optuna.distributions import CategoricalDistribution
+
+    from glo_search.results import read_experiment
+    from glo_search.search import sweep
+
+    sweep(
+        {"class_dim": CategoricalDistribution([5])},
+        num_samples=1,
+        max_epochs=4,
+        base_config={"num_images": 100, "swap_sources": 20},
+        grace_period=1,
+        reduction_factor=2,
+        storage=tmp_path,
+        name="default-schedule",
+        verbose=0,
+    )
+    _, epochs = read_experiment(tmp_path / "default-schedule")
+    # ASHA's rungs for 4 epochs, grace period 1 and reduction factor 2 are epochs 1 and 2.
+    assert sorted(epochs["epoch"]) == [1, 2, 4]

@@ -22,7 +22,7 @@ from glo_search.results import read_experiment
 from glo_search.search import sweep
 from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR, sqlite_url
 
-SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50}
+SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50, "eval_every": 1}
 MAX_EPOCHS = 4
 ASHA_EPOCHS = 3
 HUGE_LR = 1e10  # Adam steps of this size overflow float32 in the first epoch

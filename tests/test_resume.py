@@ -42,6 +42,7 @@ def _sweep_command(storage) -> list[str]:
         "--name", "exp", "--num-samples", str(NUM_SAMPLES), "--max-epochs", str(MAX_EPOCHS),
         "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
         "--num-images", "100", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
+        "--eval-every", "1",
         # A new worker per trial slows the trials, so the tests can catch the sweep
         # between two trials. With reused workers all 6 can end before the first check.
         "--no-reuse-workers",
@@ -203,7 +204,7 @@ def test_interrupted_sweep_exit_status(tmp_path):
     sweep_command = [
         str(BIN / "glo-search"), "sweep", "--space", "space.py", "--storage", "runs",
         "--name", "exp", "--num-samples", "3", "--max-epochs", "3", "--max-concurrent", "1",
-        "--num-images", "100", "--swap-sources", "20", "--batch-size", "50",
+        "--num-images", "100", "--swap-sources", "20", "--batch-size", "50", "--eval-every", "1",
         "--no-reuse-workers",  # slower trials: the interrupt comes before the sweep ends
     ]  # fmt: skip
     sweep_log, resume_log = tmp_path / "sweep.log", tmp_path / "resume.log"
@@ -274,7 +275,7 @@ def test_resumed_asha_stops_worse_trial(ray_session, tmp_path):
         metric="recon_error",
         num_samples=4,
         max_epochs=3,
-        base_config={"num_images": 100, "swap_sources": 20, "batch_size": 10},
+        base_config={"num_images": 100, "swap_sources": 20, "batch_size": 10, "eval_every": 1},
         scheduler=scheduler,
         storage=tmp_path,
         name="exp",

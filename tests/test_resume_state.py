@@ -38,7 +38,7 @@ from glo_search.rungs import fill_asha_rungs, resume_epochs
 from glo_search.search import EXPERIMENT_FILE, sweep
 from glo_search.storage import locate
 
-SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50}
+SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50, "eval_every": 1}
 TUNE_ENVIRONMENT = (
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S",

@@ -12,7 +12,7 @@ from glo_search.config import ConfigError
 from glo_search.metrics import METRICS
 from glo_search.search import make_scheduler, sweep
 
-SMALL = {"num_images": 300, "swap_sources": 60}
+SMALL = {"num_images": 300, "swap_sources": 60, "eval_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_sweep_with_define_by_run_space_file(ray_session, tmp_path):
         str(space_file),
         num_samples=2,
         max_epochs=1,
-        base_config={"num_images": 100, "swap_sources": 20},
+        base_config={"num_images": 100, "swap_sources": 20, "eval_every": 1},
         storage=tmp_path / "runs",
         name="file",
         verbose=0,
