@@ -166,9 +166,9 @@ def _base_config(base_config: TrainConfig | dict | None, max_epochs: int) -> Tra
     """Return the trials' fixed config: ``base_config`` with ``epochs = max_epochs``.
 
     Unless ``base_config`` is a TrainConfig or a dict with ``eval_every``, a sweep computes
-    metrics only at the scheduler's rungs and the last epoch (``eval_every = max_epochs``):
-    at every epoch they would take over half of a sweep's time, and ASHA compares trials
-    at the rungs only.
+    metrics only at the scheduler's rungs and the last epoch (``eval_every = max_epochs``).
+    Computed every epoch, they would take about half of a sweep's time, and ASHA compares
+    trials at the rungs only.
     """
     if isinstance(base_config, TrainConfig):
         return from_dict({**base_config.to_dict(), "epochs": max_epochs})

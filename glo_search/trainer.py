@@ -91,8 +91,8 @@ class Trainer:
         self.loss_fn = build_loss(
             config.loss, classifier_state, config.perceptual_weights, self.device
         )
-        # On a CPU, the glo generator with a pixel loss trains by a hand-written step (it
-        # was tuned on CPUs, and has not been measured on a GPU); the rest by autograd.
+        # On a CPU, the glo generator with a pixel loss trains by a hand-written step. It
+        # was tuned on CPUs and has not been measured on a GPU, which keeps autograd.
         self.step = None
         if self.device.type == "cpu" and supported(self.generator, config.loss):
             self.step = GloStep(self.generator, self.codes, config.loss)

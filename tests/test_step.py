@@ -87,7 +87,7 @@ def test_fused_adam_steps_equal_adam_step():
     assert fast.state_dict()["state"][0]["step"] == adam.state_dict()["state"][0]["step"] == 5
 
 
-def test_trainer_takes_the_hand_written_step_only_where_it_applies(small_dataset):
+def test_hand_written_step_scope(small_dataset):
     def step_of(**changes):
         config = TrainConfig(num_images=200, swap_sources=50, **changes)
         return Trainer(config, small_dataset, device="cpu").step
