@@ -172,7 +172,7 @@ def sweep_trials(tmp_path_factory, ray_session):
         {"noise_std": FloatDistribution(0.05, 2.0)},
         num_samples=2,
         max_epochs=1,
-        base_config={"num_images": NUM_IMAGES, "swap_sources": 20, "probe_every": 1, "eval_every": 1},
+        base_config={"num_images": NUM_IMAGES, "swap_sources": 20, "probe_every": 1},
         scheduler=make_scheduler("fifo", 1),
         sampler="random",
         storage=storage,
