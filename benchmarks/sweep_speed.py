@@ -160,7 +160,8 @@ def overhead(storage: Path, variants: list[str]) -> dict:
 
 
 def search(storage: Path, epochs: int, num_images: int, seeds: list[int]) -> dict:
-    base = {"num_images": num_images, "swap_sources": 100, "seed": 0}
+    # Every epoch reports, so that one result is one trial-epoch in the counts below.
+    base = {"num_images": num_images, "swap_sources": 100, "seed": 0, "eval_every": 1}
     space = {key: CategoricalDistribution(values) for key, values in SEARCH_SPACE.items()}
     grid_size = math.prod(len(values) for values in SEARCH_SPACE.values())
     print(

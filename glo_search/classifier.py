@@ -123,8 +123,8 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tor
     cache. Chunks of 64 were 0-8% faster than chunks of 128 over repeated runs
     (``benchmarks/speed.py classifier``).
     """
-    # A (N, 1, H, W) tensor passes both layouts' contiguity checks, so its strides decide
-    # the layout that the convolutions run in. These strides make it channels-last.
+    # The convolutions follow the layout of build()'s channels-last weights. Images of
+    # other strides are copied to channels-last first (a no-op for a (N, 1, H, W) tensor).
     images = images.contiguous(memory_format=torch.channels_last)
     chunks = [model(chunk).argmax(1) for chunk in images.split(batch_size)]
     return torch.cat(chunks)
@@ -195,9 +195,9 @@ def load_state(folder: Path | None = None) -> dict[str, torch.Tensor]:
 def build(state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> DigitClassifier:
     """Return the classifier in evaluation mode, frozen, with channels-last weights.
 
-    :func:`predict` feeds it channels-last images. On one core of a 2-core AMD EPYC VM,
-    2,700 swaps took 0.19-0.20 s that way and 0.5-0.85 s with both in the default layout
-    (``benchmarks/speed.py classifier``).
+    The convolutions then run channels-last. On one core of a 2-core AMD EPYC VM, 2,700
+    swaps took 0.19-0.20 s that way and 0.5-0.85 s with weights and images in the default
+    layout (``benchmarks/speed.py classifier``).
     """
     model = DigitClassifier()
     model.load_state_dict(state)

@@ -25,8 +25,11 @@ DEFAULTS = TrainConfig()
 SWEEP_OWN_FLAGS = ("epochs", "seed")
 
 
-# Sweep defaults that differ from TrainConfig's (glo_search.search._base_config).
-SWEEP_DEFAULT_TEXT = {"eval_every": "--max-epochs, so only the rungs and the last epoch"}
+# Sweep defaults that differ from TrainConfig's (glo_search.search.default_eval_every).
+SWEEP_DEFAULT_TEXT = {
+    "eval_every": "with --scheduler asha, --max-epochs, so only the rungs and the last "
+    "epoch; with any other scheduler, 1"
+}
 
 
 def _field_help(name: str, sweep: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""Disentanglement metrics reported every epoch.
+"""Disentanglement metrics reported at each evaluated epoch.
 
 The names in :data:`METRICS` are shared by the trainable, the scheduler, the searcher,
 the Parquet files and the analysis. All metrics lie in [0, 1], so each has a finite

@@ -17,7 +17,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +163,26 @@ def make_searcher(
 
 
 def _base_config(base_config: TrainConfig | dict | None, max_epochs: int) -> TrainConfig:
-    """Return the trials' fixed config: ``base_config`` with ``epochs = max_epochs``.
-
-    Unless ``base_config`` is a TrainConfig or a dict with ``eval_every``, a sweep computes
-    metrics only at the scheduler's rungs and the last epoch (``eval_every = max_epochs``).
-    Computed every epoch, they would take about half of a sweep's time, and ASHA compares
-    trials at the rungs only.
-    """
     if isinstance(base_config, TrainConfig):
-        return from_dict({**base_config.to_dict(), "epochs": max_epochs})
-    return from_dict({"eval_every": max_epochs, **(base_config or {}), "epochs": max_epochs})
+        base_config = base_config.to_dict()
+    return from_dict({**(base_config or {}), "epochs": max_epochs})
+
+
+def _sets_eval_every(base_config: TrainConfig | dict | None) -> bool:
+    return isinstance(base_config, TrainConfig) or "eval_every" in (base_config or {})
+
+
+def default_eval_every(scheduler: TrialScheduler, max_epochs: int) -> int:
+    """Return the sweep's eval_every when the caller sets none.
+
+    An ASHA scheduler that counts epochs compares trials only at its rungs, so metrics
+    are computed there and at the last epoch (``max_epochs``). Computed every epoch, they
+    would take about half of a sweep's time. Any other scheduler may decide at any epoch,
+    so it gets metrics every epoch (1).
+    """
+    rungs = scheduler_settings(scheduler).get("rungs")
+    counts_epochs = getattr(scheduler, "_time_attr", None) == "epoch"
+    return max_epochs if rungs and counts_epochs else 1
 
 
 def _check_overlap(space: ResolvedSpace, fixed: dict | None) -> None:
@@ -362,8 +372,8 @@ def sweep(
             checkpoints are kept by; its direction comes from ``glo_search.metrics``.
         base_config: fixed TrainConfig values for every trial (a TrainConfig or a dict
             of overrides); keys the space varies must not appear here. Without
-            ``eval_every`` in a dict, trials compute metrics only at the scheduler's
-            rungs and the last epoch.
+            ``eval_every`` in a dict, trials compute metrics at every epoch, or with an
+            ASHA scheduler (the default) only at its rungs and the last epoch.
         scheduler: any Ray Tune TrialScheduler, created without metric and mode (the
             sweep sets them). Default: ASHA with ``grace_period`` and
             ``reduction_factor``, one unit of time per epoch.
@@ -444,6 +454,7 @@ def sweep(
             callbacks=callbacks,
             verbose=verbose,
             reuse_actors=reuse_actors,
+            eval_every_given=_sets_eval_every(base_config),
         )
     except BaseException:
         location.remove()  # nothing ran yet: leave no folder that resume would trip on
@@ -511,6 +522,7 @@ def _build_tuner(
     callbacks: list | None,
     verbose: int,
     reuse_actors: bool,
+    eval_every_given: bool = True,
 ) -> tuple[tune.Tuner, Any]:
     if search_alg is None:
         study_url, mirror = study_place(location)
@@ -534,6 +546,8 @@ def _build_tuner(
     scheduler = scheduler or make_scheduler(
         "asha", settings["max_epochs"], settings["grace_period"], settings["reduction_factor"]
     )
+    if not eval_every_given:
+        base = replace(base, eval_every=default_eval_every(scheduler, settings["max_epochs"]))
     settings = {
         **settings,
         "scheduler": type(scheduler).__name__,

@@ -84,7 +84,7 @@ class GloStep:
         if content_decay > 0:
             loss += content_decay * content.square().sum(dim=1).mean()
             content_grad = content_grad.add(content, alpha=2 * content_decay / len(content))
-        self.codes.content.grad.zero_().index_copy_(0, indices, content_grad)
+        self.codes.content.grad.zero_().index_add_(0, indices, content_grad)
         return loss
 
     def _forward(self, class_code: torch.Tensor, content_code: torch.Tensor) -> dict:
@@ -186,6 +186,8 @@ def decode(
     statistics), by the stages of :class:`GloStep`. Equals ``generator(...)`` to float
     rounding."""
     batch = len(class_code)
+    if batch == 0:
+        return class_code.new_empty(0, 1, 28, 28)
     hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
     maps5 = hidden.view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1).contiguous()
     conv14, norm = generator.to_14[1], generator.to_14[2]
@@ -349,13 +351,15 @@ class FusedAdamSteps:
         self.optimizer = optimizer
         self.groups: list[tuple[dict, list[list[torch.Tensor]]]] | None = None
         self.steps: list[torch.Tensor] = []
-        defaults = optimizer.defaults
-        self.enabled = bool(
-            defaults.get("fused")
-            and not defaults.get("amsgrad")
-            and not defaults.get("maximize")
-            and not defaults.get("differentiable")
-            and not defaults.get("decoupled_weight_decay", False)
+        # Adam.step reads these flags per parameter group, and a loaded state dict brings
+        # its own groups, so every group must take the fused path.
+        self.enabled = all(
+            group.get("fused")
+            and not group.get("amsgrad")
+            and not group.get("maximize")
+            and not group.get("differentiable")
+            and not group.get("decoupled_weight_decay", False)
+            for group in optimizer.param_groups
         )
 
     def __call__(self) -> None:

@@ -3,8 +3,8 @@
 Every evaluated epoch it reports every metric of :data:`glo_search.metrics.METRICS`
 together with a checkpoint, so that ASHA, the searcher and CheckpointConfig (which keeps
 the best checkpoint by the sweep's metric) all see the same numbers. Epochs are evaluated
-every ``eval_every`` epochs (by default every epoch), at the scheduler's rungs and at the
-last epoch; other epochs train without a report.
+every ``eval_every`` epochs (see glo_search.search.default_eval_every), at the
+scheduler's rungs and at the last epoch; other epochs train without a report.
 """
 
 from __future__ import annotations

@@ -51,3 +51,11 @@ def test_sweep_evaluates_rungs_and_last_epoch_by_default(ray_session, tmp_path):
     _, epochs = read_experiment(tmp_path / "default-schedule")
     # ASHA's rungs for 4 epochs, grace period 1 and reduction factor 2 are epochs 1 and 2.
     assert sorted(epochs["epoch"]) == [1, 2, 4]
+
+
+def test_sweep_default_schedule_by_scheduler():
+    from glo_search.search import default_eval_every, make_scheduler
+
+    assert default_eval_every(make_scheduler("asha", 20, 2, 3), 20) == 20
+    for name in ("fifo", "median", "hyperband"):
+        assert default_eval_every(make_scheduler(name, 20, 2, 3), 20) == 1, name

@@ -120,3 +120,28 @@ def test_epoch_after_gradients_set_to_none(small_dataset):
     before = trainer.codes.content.detach().clone()
     trainer.train_epoch()
     assert not torch.equal(trainer.codes.content, before)
+
+
+def test_step_sums_gradients_of_repeated_indices():
+    generator, codes = _model()
+    hand_generator, hand_codes = copy.deepcopy(generator), copy.deepcopy(codes)
+    indices, labels = torch.tensor([3, 3, 4]), torch.tensor([1, 2, 1])
+    images = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    content = codes.content[indices]
+    LOSSES["l1+l2"](generator(codes.classes[labels], content), images).backward()
+    GloStep(hand_generator, hand_codes, "l1+l2")(indices, labels, images, None, 0.0)
+    torch.testing.assert_close(hand_codes.content.grad, codes.content.grad)
+
+
+def test_decode_of_no_codes_is_empty():
+    generator, codes = _model()
+    decoded = decode(generator.eval(), codes.classes[:0], codes.content[:0])
+    assert decoded.shape == (0, 1, 28, 28)
+
+
+def test_fused_adam_steps_fall_back_for_a_loaded_unfused_group():
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    unfused = torch.optim.Adam([parameter])
+    fused = torch.optim.Adam([parameter], fused=True)
+    fused.load_state_dict(unfused.state_dict())
+    assert not FusedAdamSteps(fused).enabled
