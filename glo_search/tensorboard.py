@@ -67,8 +67,11 @@ class TrainingLog:
 
     def write_epoch(
         self, epoch: int, result: dict[str, Any], trainer: Trainer | None = None
-    ) -> None:
-        """Write the epoch's scalars and, given the trainer, any images due this epoch."""
+    ) -> bool:
+        """Write the epoch's scalars and, given the trainer, any images due this epoch.
+
+        Returns whether the epoch is the best so far by ``metric``.
+        """
         for name in METRICS:
             self.writer.add_scalar(f"metrics/{name}", result[name], epoch)
         self.writer.add_scalar("train/loss", result["train_loss"], epoch)
@@ -82,6 +85,7 @@ class TrainingLog:
             if new_best:
                 self.write_images(trainer, "best", epoch)
         self.writer.flush()
+        return new_best
 
     def _update_best(self, value: float) -> bool:
         if not math.isfinite(value):
