@@ -80,10 +80,12 @@ class TrainingLog:
             self.writer.add_scalar(f"best/{self.metric}", self.best, epoch)
         if trainer is not None and self.config.probe_every > 0:
             every = self.config.probe_every
+            prefixes = []
             if epoch % every == 0 or epoch == self.config.epochs:
-                self.write_images(trainer, "probes", epoch)
+                prefixes.append("probes")
             if new_best:
-                self.write_images(trainer, "best", epoch)
+                prefixes.append("best")
+            self.write_images(trainer, prefixes, epoch)
         self.writer.flush()
         return new_best
 
@@ -95,17 +97,22 @@ class TrainingLog:
             return True
         return False
 
-    def write_images(self, trainer: Trainer, prefix: str, epoch: int) -> None:
-        """Write the probe grid and activation grids under ``<prefix>/``."""
+    def write_images(self, trainer: Trainer, prefix: str | list[str], epoch: int) -> None:
+        """Write the probe grid and activation grids under ``<prefix>/``, for each prefix
+        of a list, from one pass of the generator."""
         from glo_search import probes
 
+        prefixes = [prefix] if isinstance(prefix, str) else prefix
+        if not prefixes:
+            return
         if self.probe_set is None:
             dataset = trainer.dataset
             self.probe_set = probes.select_probes(
                 dataset.images, dataset.labels, self.config.seed, num_classes=dataset.num_classes
             )
         for name, image in probes.probe_images(trainer, self.probe_set).items():
-            self.writer.add_image(f"{prefix}/{name}", image, epoch, dataformats="CHW")
+            for tag_prefix in prefixes:
+                self.writer.add_image(f"{tag_prefix}/{name}", image, epoch, dataformats="CHW")
 
     def close(self) -> None:
         self.writer.file_writer.add_summary(self._session_end)
