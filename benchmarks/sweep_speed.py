@@ -2,9 +2,10 @@
 
     python benchmarks/sweep_speed.py overhead   # 8 trials x 20 epochs, 2 at once
     python benchmarks/sweep_speed.py search     # Optuna+ASHA, random+ASHA, grid; 3 seeds
+    python benchmarks/sweep_speed.py parts      # per-trial and per-result costs, no Ray
 
-Both start Ray in this process with --cpus CPUs (default 2) and write experiment folders
-under --storage (default: a temporary folder, deleted at the end).
+overhead and search start Ray in this process with --cpus CPUs (default 2) and write
+experiment folders under --storage (default: a temporary folder, deleted at the end).
 
 overhead: 8 trials of the `default` space, each trained for 20 epochs (Tune's FIFO
 scheduler), then the same with ASHA, 2 trials at once with 1 CPU each. The timer runs
@@ -13,6 +14,12 @@ seconds trials spent in train_epoch (training), in evaluate (metrics), and the r
 Each trial reports its own seconds in train_epoch, evaluate and the other parts with
 every result (glo_search.trainable.TIMERS). A Tune callback in the driver records when
 each trial starts and completes, which splits the time outside the trials.
+
+parts: costs that a reused Ray worker or the driver pays per trial or per result,
+timed without Ray, the cases alternating round by round (median of 15). A trial's trainer
+setup with the worker's cached dataset and swaps against reading the data and computing
+the swaps again; and the driver's per-result Optuna calls: reading the trial back from
+the SQLite study against the searcher's on_trial_result, which writes one value.
 
 search: a grid of 48 configurations of a reduced `report` space, trained to --epochs
 without early stopping, sets the target: the best disentanglement any of its trials
@@ -34,7 +41,7 @@ import time
 from pathlib import Path
 
 import optuna
-from common import machine
+from common import interleaved, machine
 from optuna.distributions import CategoricalDistribution
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -53,7 +60,7 @@ FRACTIONS = (1.0, 0.95)  # targets: the grid's best, and 95% of it
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=["overhead", "search"])
+    parser.add_argument("figure", choices=["overhead", "search", "parts"])
     parser.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
     parser.add_argument("--storage", type=Path, default=None, help="keep experiments here")
     parser.add_argument(
@@ -76,6 +83,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    if args.figure == "parts":
+        figures = parts()
+        if args.json:
+            print(json.dumps(figures))
+        return 0
     ensure_ray(num_cpus=args.cpus)
     with tempfile.TemporaryDirectory() as folder:
         storage = args.storage or Path(folder)
@@ -199,12 +211,15 @@ def _overhead_figures(timeline: Timeline, wall: float) -> dict:
     """
     slots = 2 * wall
     totals = dict.fromkeys(["train", "eval", *PARTS], 0.0)
-    trial_epochs = reports = 0
+    trial_epochs = reports = checkpoints = 0
     entries = list(timeline.trials.values())
     for entry in entries:
         last = entry["results"][-1][1]
         trial_epochs += last["epoch"]
         reports += len(entry["results"])
+        checkpoints += sum(
+            bool(result.get("checkpoint_dir_name")) for _, result in entry["results"]
+        )
         totals["train"] += last["train_time_s"]
         totals["eval"] += last["eval_time_s"]
         inside = entry["complete"] - entry["start"] - last["train_time_s"] - last["eval_time_s"]
@@ -224,6 +239,7 @@ def _overhead_figures(timeline: Timeline, wall: float) -> dict:
     return {
         "trials": count,
         "reports": reports,
+        "checkpoints": checkpoints,
         "trial_epochs": trial_epochs,
         "wall_s": wall,
         "train_share": totals["train"] / slots,
@@ -238,13 +254,14 @@ def _overhead_figures(timeline: Timeline, wall: float) -> dict:
 
 def _print_overhead(figures: dict) -> None:
     print(
-        "| variant | trials | trial-epochs | reports | wall | training | metrics | the rest "
-        "| rest per trial |"
+        "| variant | trials | trial-epochs | reports | checkpoints | wall | training | metrics "
+        "| the rest | rest per trial |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for variant, f in figures.items():
         print(
             f"| {variant} | {f['trials']} | {f['trial_epochs']} | {f['reports']} | "
+            f"{f['checkpoints']} | "
             f"{f['wall_s']:.1f} s | {f['train_share']:.2f} | {f['eval_share']:.2f} | "
             f"{f['rest_share']:.2f} | {f['rest_s_per_trial']:.2f} s |"
         )
@@ -260,6 +277,71 @@ def _print_overhead(figures: dict) -> None:
             f"{variant}: the first two trials started {first:.2f} s and {second:.2f} s "
             f"after the sweep call; one slot was idle for the last {f['idle_at_end_s']:.2f} s"
         )
+
+
+# --- parts ------------------------------------------------------------------------------
+
+
+def parts() -> dict:
+    import statistics
+
+    import torch
+
+    from glo_search import classifier, trainable
+    from glo_search import trainer as trainer_module
+    from glo_search.config import TrainConfig
+    from glo_search.data import load_dataset
+    from glo_search.trainer import Trainer
+
+    torch.set_num_threads(1)
+    state = classifier.load_state()
+    config = TrainConfig(epochs=20)
+    Trainer(config, trainable._dataset(config), state, device="cpu")  # imports, caches
+
+    def fresh() -> None:
+        kept = dict(trainer_module._SWAP_CACHE)
+        trainer_module._SWAP_CACHE.clear()
+        Trainer(config, load_dataset(config), state, device="cpu")
+        trainer_module._SWAP_CACHE.clear()
+        trainer_module._SWAP_CACHE.update(kept)
+
+    def cached() -> None:
+        Trainer(config, trainable._dataset(config), state, device="cpu")
+
+    setup = interleaved({"data and swaps again": fresh, "cached": cached}, rounds=15)
+    figures = {f"trainer setup, {k}": statistics.median(v) for k, v in setup.items()}
+    figures.update(_optuna_per_result(config))
+    for name, seconds in figures.items():
+        print(f"{name}: {1000 * seconds:.1f} ms")
+    return figures
+
+
+def _optuna_per_result(config) -> dict:
+    """Time, per result of 8 trials x 20 epochs, a read of the trial from the study and
+    the searcher's on_trial_result."""
+    import statistics
+
+    from glo_search.search import make_searcher
+    from glo_search.searcher import sqlite_url
+    from glo_search.spaces import resolve
+
+    times: dict[str, list[float]] = {"study read per result": [], "on_trial_result": []}
+    with tempfile.TemporaryDirectory() as folder:
+        url = sqlite_url(Path(folder) / "optuna.db")
+        searcher = make_searcher(resolve("default", config), METRIC, "max", url, "parts", 20)
+        for number in range(8):
+            trial_id = f"trial{number}"
+            searcher.suggest(trial_id)
+            ot_trial = searcher._ot_trials[trial_id]
+            for epoch in range(1, 21):
+                started = time.perf_counter()
+                ot_trial.storage.get_trial(ot_trial._trial_id)
+                read = time.perf_counter()
+                searcher.on_trial_result(trial_id, {METRIC: 0.01 * epoch, "epoch": epoch})
+                times["study read per result"].append(read - started)
+                times["on_trial_result"].append(time.perf_counter() - read)
+            searcher.on_trial_complete(trial_id, {METRIC: 0.2, "epoch": 20})
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # --- search efficiency ------------------------------------------------------------------
