@@ -26,6 +26,7 @@ COMMANDS = [
     ["speed.py", "classifier", "--threads", "1"],
     ["speed.py", "memory"],
     ["sweep_speed.py", "overhead"],
+    ["sweep_speed.py", "parts"],
 ]
 SEARCH = ["sweep_speed.py", "search"]
 

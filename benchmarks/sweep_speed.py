@@ -2,14 +2,24 @@
 
     python benchmarks/sweep_speed.py overhead   # 8 trials x 20 epochs, 2 at once
     python benchmarks/sweep_speed.py search     # Optuna+ASHA, random+ASHA, grid; 3 seeds
+    python benchmarks/sweep_speed.py parts      # per-trial and per-result costs, no Ray
 
-Both start Ray in this process with --cpus CPUs (default 2) and write experiment folders
-under --storage (default: a temporary folder, deleted at the end).
+overhead and search start Ray in this process with --cpus CPUs (default 2) and write
+experiment folders under --storage (default: a temporary folder, deleted at the end).
 
-overhead: the share of the sweep's wall time (from Tuner.fit's start, Ray already
-running) that trainers spend in train_epoch, summed over trials and divided by the trials
-that run at once. Each trial reports its own seconds in train_epoch and evaluate with
-every result (train_time_s, eval_time_s), which Tune writes to the trial's result.json.
+overhead: 8 trials of the `default` space, each trained for 20 epochs (Tune's FIFO
+scheduler), then the same with ASHA, 2 trials at once with 1 CPU each. The timer runs
+from the sweep() call, with Ray already running. Two slots x wall time splits into the
+seconds trials spent in train_epoch (training), in evaluate (metrics), and the rest.
+Each trial reports its own seconds in train_epoch, evaluate and the other parts with
+every result (glo_search.trainable.TIMERS). A Tune callback in the driver records when
+each trial starts and completes, which splits the time outside the trials.
+
+parts: costs that a reused Ray worker or the driver pays per trial or per result,
+timed without Ray, the cases alternating round by round (median of 15). A trial's trainer
+setup with the worker's cached dataset and swaps against reading the data and computing
+the swaps again; and the driver's per-result Optuna calls: reading the trial back from
+the SQLite study against the searcher's on_trial_result, which writes one value.
 
 search: a grid of 48 configurations of a reduced `report` space, trained to --epochs
 without early stopping, sets the target: the best disentanglement any of its trials
@@ -31,8 +41,9 @@ import time
 from pathlib import Path
 
 import optuna
-from common import machine
+from common import interleaved, machine
 from optuna.distributions import CategoricalDistribution
+from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from glo_search.search import ensure_ray, make_scheduler, sweep
@@ -49,14 +60,18 @@ FRACTIONS = (1.0, 0.95)  # targets: the grid's best, and 95% of it
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=["overhead", "search"])
+    parser.add_argument("figure", choices=["overhead", "search", "parts"])
     parser.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
     parser.add_argument("--storage", type=Path, default=None, help="keep experiments here")
     parser.add_argument(
         "--variants",
-        default="1,1-reuse,20,20-reuse",
-        help="overhead: comma-separated eval_every values to run, '-reuse' to run trials "
-        "in reused Ray workers (reuse_actors) (default: 1,1-reuse,20,20-reuse)",
+        default="fifo,asha",
+        help="overhead: comma-separated sweeps to run, each SCHEDULER[-eN][-new]: fifo "
+        "(every trial to the last epoch) or asha, -eN for eval_every N (default 1), -new "
+        "for a new Ray worker per trial instead of reused workers (default: fifo,asha)",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=8, help="overhead: trials per sweep (default: 8)"
     )
     parser.add_argument("--epochs", type=int, default=9, help="search: epochs (default: 9)")
     parser.add_argument(
@@ -68,27 +83,22 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    if args.figure == "parts":
+        figures = parts()
+        if args.json:
+            print(json.dumps(figures))
+        return 0
     ensure_ray(num_cpus=args.cpus)
     with tempfile.TemporaryDirectory() as folder:
         storage = args.storage or Path(folder)
         if args.figure == "overhead":
-            figures = overhead(storage, args.variants.split(","))
+            figures = overhead(storage, args.variants.split(","), args.trials, 20)
         else:
             seeds = [int(v) for v in args.seeds.split(",")]
             figures = search(storage, args.epochs, args.num_images, seeds)
     if args.json:
         print(json.dumps(figures))
     return 0
-
-
-def last_results(experiment: Path) -> list[dict]:
-    """Return each trial's last result from Tune's result.json files."""
-    results = []
-    for path in sorted(experiment.glob("trial_*/result.json")):
-        lines = path.read_text().strip().splitlines()
-        if lines:
-            results.append(json.loads(lines[-1]))
-    return results
 
 
 def all_results(experiment: Path) -> list[dict]:
@@ -111,49 +121,227 @@ def all_results(experiment: Path) -> list[dict]:
 
 # --- overhead ---------------------------------------------------------------------------
 
+# The parts of the rest, in the order printed. The first four are the trainable's own
+# timers, the seconds it reports with each result (glo_search.trainable.TIMERS). The
+# others come from the times when the driver saw each trial start and complete (Timeline).
+PARTS = {
+    "setup_time_s": "trainer setup (data, trainer, TensorBoard log)",
+    "log_time_s": "TensorBoard writes",
+    "checkpoint_time_s": "checkpoint torch.save",
+    "report_time_s": "tune.report (checkpoint copy, artifact sync, wait for Tune)",
+    "in_trial_other": "rest of the trial's time in Tune (reset, last report, stop)",
+    "sweep_start": "sweep start to each slot's first trial (Tune setup, worker start)",
+    "between_trials": "between a trial's end and the next start in its slot",
+    "sweep_end": "idle slot at the end and the sweep's return",
+}
 
-def overhead(storage: Path, variants: list[str]) -> dict:
+
+class Timeline(tune.Callback):
+    """Record in the driver when each trial starts, reports and completes."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.trials: dict[str, dict] = {}
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.started
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.trials[trial.trial_id] = {"start": self._now(), "results": []}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        entry = self.trials[trial.trial_id]
+        entry["results"].append((self._now(), result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.trials[trial.trial_id]["complete"] = self._now()
+
+
+def parse_variant(variant: str) -> dict:
+    """Read a variant name: SCHEDULER[-eN][-new], e.g. fifo, asha-e5, fifo-new."""
+    parts = variant.split("-")
+    if parts[0] not in ("fifo", "asha"):
+        raise SystemExit(f"invalid variant {variant!r}: must start with fifo or asha")
+    settings = {"scheduler": parts[0], "eval_every": 1, "reuse": True}
+    for part in parts[1:]:
+        if part == "new":
+            settings["reuse"] = False
+        elif part.startswith("e") and part[1:].isdigit():
+            settings["eval_every"] = int(part[1:])
+        else:
+            raise SystemExit(f"invalid variant {variant!r}: unknown part {part!r}")
+    return settings
+
+
+def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> dict:
     figures = {}
     for variant in variants:
-        eval_every = int(variant.removesuffix("-reuse"))
-        reuse = variant.endswith("-reuse")
-        name = f"overhead-{variant}"
-        started = time.perf_counter()
+        settings = parse_variant(variant)
+        name = f"overhead-{variant}-{len(figures)}"
+        # FIFO runs every trial to max_epochs; ASHA (grace period 2, reduction factor 3,
+        # the sweep's defaults) stops some early.
+        scheduler = make_scheduler("fifo", epochs) if settings["scheduler"] == "fifo" else None
+        timeline = Timeline()
         sweep(
             "default",
-            num_samples=8,
-            max_epochs=20,
+            num_samples=trials,
+            max_epochs=epochs,
             max_concurrent=2,
             cpus_per_trial=1,
-            base_config={"eval_every": eval_every},
+            base_config={"eval_every": settings["eval_every"]},
+            scheduler=scheduler,
             storage=storage,
             name=name,
             verbose=0,
-            reuse_actors=reuse,
+            reuse_actors=settings["reuse"],
+            callbacks=[timeline],
         )
-        wall = time.perf_counter() - started
-        results = last_results(storage / name)
-        train = sum(r["train_time_s"] for r in results)
-        evaluate = sum(r["eval_time_s"] for r in results)
-        epochs = sum(r["epoch"] for r in results)
-        train_share = train / (2 * wall)
-        eval_share = evaluate / (2 * wall)
-        print(
-            f"eval_every={eval_every}, {'reused' if reuse else 'a new'} Ray worker per "
-            f"trial: {len(results)} trials, {epochs} trial-epochs, "
-            f"wall {wall:.1f} s; per running slot: training {train_share:.2f}, metrics "
-            f"{eval_share:.2f}, the rest (Ray, Optuna, checkpoints, files, idle) "
-            f"{1 - train_share - eval_share:.2f}"
-        )
-        figures[variant] = {
-            "wall_s": wall,
-            "train_s": train,
-            "eval_s": evaluate,
-            "trial_epochs": epochs,
-            "train_share": train_share,
-            "eval_share": eval_share,
-        }
+        wall = time.perf_counter() - timeline.started
+        figures[variant] = _overhead_figures(timeline, wall)
+    _print_overhead(figures)
     return figures
+
+
+def _overhead_figures(timeline: Timeline, wall: float) -> dict:
+    """Split 2 slots x wall time into training, metrics and the parts of the rest.
+
+    A trial's time in Tune runs from on_trial_start (its worker ready) to
+    on_trial_complete. Time outside every trial is split by slot, taking the first two
+    trials to start as the slots' first and the last two to complete as their last.
+    """
+    slots = 2 * wall
+    totals = dict.fromkeys(["train", "eval", *PARTS], 0.0)
+    trial_epochs = reports = checkpoints = 0
+    entries = list(timeline.trials.values())
+    for entry in entries:
+        last = entry["results"][-1][1]
+        trial_epochs += last["epoch"]
+        reports += len(entry["results"])
+        checkpoints += sum(
+            bool(result.get("checkpoint_dir_name")) for _, result in entry["results"]
+        )
+        totals["train"] += last["train_time_s"]
+        totals["eval"] += last["eval_time_s"]
+        inside = entry["complete"] - entry["start"] - last["train_time_s"] - last["eval_time_s"]
+        for key in PARTS:
+            if key.endswith("_time_s"):
+                totals[key] += last.get(key, 0.0)
+                inside -= last.get(key, 0.0)
+        totals["in_trial_other"] += inside
+    starts = sorted(entry["start"] for entry in entries)
+    completes = sorted(entry["complete"] for entry in entries)
+    totals["sweep_start"] = sum(starts[:2])
+    totals["sweep_end"] = sum(wall - complete for complete in completes[-2:])
+    in_trials = sum(entry["complete"] - entry["start"] for entry in entries)
+    totals["between_trials"] = slots - in_trials - totals["sweep_start"] - totals["sweep_end"]
+    count = len(entries)
+    rest = slots - totals["train"] - totals["eval"]
+    return {
+        "trials": count,
+        "reports": reports,
+        "checkpoints": checkpoints,
+        "trial_epochs": trial_epochs,
+        "wall_s": wall,
+        "train_share": totals["train"] / slots,
+        "eval_share": totals["eval"] / slots,
+        "rest_share": rest / slots,
+        "rest_s_per_trial": rest / count,
+        "parts_s_per_trial": {key: totals[key] / count for key in PARTS},
+        "first_starts_s": starts[:2],
+        "idle_at_end_s": completes[-1] - completes[-2],
+    }
+
+
+def _print_overhead(figures: dict) -> None:
+    print(
+        "| variant | trials | trial-epochs | reports | checkpoints | wall | training | metrics "
+        "| the rest | rest per trial |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for variant, f in figures.items():
+        print(
+            f"| {variant} | {f['trials']} | {f['trial_epochs']} | {f['reports']} | "
+            f"{f['checkpoints']} | "
+            f"{f['wall_s']:.1f} s | {f['train_share']:.2f} | {f['eval_share']:.2f} | "
+            f"{f['rest_share']:.2f} | {f['rest_s_per_trial']:.2f} s |"
+        )
+    print("\nthe rest in seconds per trial (slot-seconds over the trials):\n")
+    print("| part | " + " | ".join(figures) + " |")
+    print("| --- |" + " --- |" * len(figures))
+    for key, label in PARTS.items():
+        cells = " | ".join(f"{f['parts_s_per_trial'][key]:.2f}" for f in figures.values())
+        print(f"| {label} | {cells} |")
+    for variant, f in figures.items():
+        first, second = f["first_starts_s"]
+        print(
+            f"{variant}: the first two trials started {first:.2f} s and {second:.2f} s "
+            f"after the sweep call; one slot was idle for the last {f['idle_at_end_s']:.2f} s"
+        )
+
+
+# --- parts ------------------------------------------------------------------------------
+
+
+def parts() -> dict:
+    import statistics
+
+    import torch
+
+    from glo_search import classifier, trainable
+    from glo_search import trainer as trainer_module
+    from glo_search.config import TrainConfig
+    from glo_search.data import load_dataset
+    from glo_search.trainer import Trainer
+
+    torch.set_num_threads(1)
+    state = classifier.load_state()
+    config = TrainConfig(epochs=20)
+    Trainer(config, trainable._dataset(config), state, device="cpu")  # imports, caches
+
+    def fresh() -> None:
+        kept = dict(trainer_module._SWAP_CACHE)
+        trainer_module._SWAP_CACHE.clear()
+        Trainer(config, load_dataset(config), state, device="cpu")
+        trainer_module._SWAP_CACHE.clear()
+        trainer_module._SWAP_CACHE.update(kept)
+
+    def cached() -> None:
+        Trainer(config, trainable._dataset(config), state, device="cpu")
+
+    setup = interleaved({"data and swaps again": fresh, "cached": cached}, rounds=15)
+    figures = {f"trainer setup, {k}": statistics.median(v) for k, v in setup.items()}
+    figures.update(_optuna_per_result(config))
+    for name, seconds in figures.items():
+        print(f"{name}: {1000 * seconds:.1f} ms")
+    return figures
+
+
+def _optuna_per_result(config) -> dict:
+    """Time, per result of 8 trials x 20 epochs, a read of the trial from the study and
+    the searcher's on_trial_result."""
+    import statistics
+
+    from glo_search.search import make_searcher
+    from glo_search.searcher import sqlite_url
+    from glo_search.spaces import resolve
+
+    times: dict[str, list[float]] = {"study read per result": [], "on_trial_result": []}
+    with tempfile.TemporaryDirectory() as folder:
+        url = sqlite_url(Path(folder) / "optuna.db")
+        searcher = make_searcher(resolve("default", config), METRIC, "max", url, "parts", 20)
+        for number in range(8):
+            trial_id = f"trial{number}"
+            searcher.suggest(trial_id)
+            ot_trial = searcher._ot_trials[trial_id]
+            for epoch in range(1, 21):
+                started = time.perf_counter()
+                ot_trial.storage.get_trial(ot_trial._trial_id)
+                read = time.perf_counter()
+                searcher.on_trial_result(trial_id, {METRIC: 0.01 * epoch, "epoch": epoch})
+                times["study read per result"].append(read - started)
+                times["on_trial_result"].append(time.perf_counter() - read)
+            searcher.on_trial_complete(trial_id, {METRIC: 0.2, "epoch": 20})
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # --- search efficiency ------------------------------------------------------------------

@@ -67,8 +67,11 @@ class TrainingLog:
 
     def write_epoch(
         self, epoch: int, result: dict[str, Any], trainer: Trainer | None = None
-    ) -> None:
-        """Write the epoch's scalars and, given the trainer, any images due this epoch."""
+    ) -> bool:
+        """Write the epoch's scalars and, given the trainer, any images due this epoch.
+
+        Returns whether the epoch is the best so far by ``metric``.
+        """
         for name in METRICS:
             self.writer.add_scalar(f"metrics/{name}", result[name], epoch)
         self.writer.add_scalar("train/loss", result["train_loss"], epoch)
@@ -77,11 +80,14 @@ class TrainingLog:
             self.writer.add_scalar(f"best/{self.metric}", self.best, epoch)
         if trainer is not None and self.config.probe_every > 0:
             every = self.config.probe_every
+            prefixes = []
             if epoch % every == 0 or epoch == self.config.epochs:
-                self.write_images(trainer, "probes", epoch)
+                prefixes.append("probes")
             if new_best:
-                self.write_images(trainer, "best", epoch)
+                prefixes.append("best")
+            self.write_images(trainer, prefixes, epoch)
         self.writer.flush()
+        return new_best
 
     def _update_best(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -91,17 +97,22 @@ class TrainingLog:
             return True
         return False
 
-    def write_images(self, trainer: Trainer, prefix: str, epoch: int) -> None:
-        """Write the probe grid and activation grids under ``<prefix>/``."""
+    def write_images(self, trainer: Trainer, prefix: str | list[str], epoch: int) -> None:
+        """Write the probe grid and activation grids under ``<prefix>/``, for each prefix
+        of a list, from one pass of the generator."""
         from glo_search import probes
 
+        prefixes = [prefix] if isinstance(prefix, str) else prefix
+        if not prefixes:
+            return
         if self.probe_set is None:
             dataset = trainer.dataset
             self.probe_set = probes.select_probes(
                 dataset.images, dataset.labels, self.config.seed, num_classes=dataset.num_classes
             )
         for name, image in probes.probe_images(trainer, self.probe_set).items():
-            self.writer.add_image(f"{prefix}/{name}", image, epoch, dataformats="CHW")
+            for tag_prefix in prefixes:
+                self.writer.add_image(f"{tag_prefix}/{name}", image, epoch, dataformats="CHW")
 
     def close(self) -> None:
         self.writer.file_writer.add_summary(self._session_end)

@@ -43,6 +43,26 @@ def evaluation_due(epoch: int, config: TrainConfig, milestones: Collection[int] 
     return epoch % config.eval_every == 0 or epoch >= config.epochs or epoch in milestones
 
 
+# The swaps and the style attributes of their source images, with the dataset, by
+# (id(dataset), swap_sources, seed). Trials that a reused Ray worker runs on the same
+# Dataset object then skip computing them again, which took about 0.1 s per trial.
+_SWAP_CACHE: dict[tuple[int, int, int], tuple[Dataset, m.Swaps, torch.Tensor]] = {}
+_SWAP_CACHE_SIZE = 4
+
+
+def _swap_setup(dataset: Dataset, swap_sources: int, seed: int) -> tuple[m.Swaps, torch.Tensor]:
+    key = (id(dataset), swap_sources, seed)
+    cached = _SWAP_CACHE.get(key)
+    if cached is not None and cached[0] is dataset:
+        return cached[1], cached[2]
+    swaps = m.build_swaps(dataset.labels, swap_sources, seed)
+    attributes = m.style_attributes(dataset.images[swaps.sources])
+    if len(_SWAP_CACHE) >= _SWAP_CACHE_SIZE:
+        _SWAP_CACHE.clear()
+    _SWAP_CACHE[key] = (dataset, swaps, attributes)
+    return swaps, attributes
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -101,8 +121,7 @@ class Trainer:
         self.classifier = None
         if classifier_state:
             self.classifier = digit_classifier.build(classifier_state, self.device)
-        self.swaps = m.build_swaps(dataset.labels, config.swap_sources, config.seed)
-        self.source_attributes = m.style_attributes(dataset.images[self.swaps.sources])
+        self.swaps, self.source_attributes = _swap_setup(dataset, config.swap_sources, config.seed)
 
     def train_epoch(self) -> float:
         """Run one pass over the images in a seeded random order; return the mean objective."""

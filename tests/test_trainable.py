@@ -1,0 +1,65 @@
+"""Checkpoints and part timers of the trainable's reports, with Tune's report replaced."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from glo_search import trainable
+from glo_search.config import TrainConfig
+from glo_search.trainer import Trainer
+
+
+class ScriptedLog:
+    """TrainingLog stand-in whose write_epoch returns a scripted new-best flag per epoch."""
+
+    def __init__(self, best_epochs: set[int]) -> None:
+        self.best_epochs = best_epochs
+
+    def write_epoch(self, epoch, result, trainer=None) -> bool:
+        return epoch in self.best_epochs
+
+
+@pytest.fixture
+def reports(monkeypatch):
+    """Record (epoch, has_checkpoint, result) for every tune.report of the trainable."""
+    recorded = []
+
+    def report(result, checkpoint=None):
+        recorded.append((result["epoch"], checkpoint is not None, result))
+
+    context = SimpleNamespace(get_node_id=lambda: "node")
+    monkeypatch.setattr(trainable.tune, "report", report)
+    monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: context)
+    return recorded
+
+
+@pytest.fixture
+def train(small_dataset, classifier_state, reports):
+    def run(epochs: int, best_epochs: set[int], **config) -> None:
+        train_config = TrainConfig(num_images=200, swap_sources=20, epochs=epochs, **config)
+        trainer = Trainer(train_config, small_dataset, classifier_state, "cpu")
+        trainable._train_loop(trainer, ScriptedLog(best_epochs), ())
+
+    return run
+
+
+def test_checkpoints_at_best_gap_and_last(train, reports):
+    # Checkpoints: the best epochs 1, 2 and 4, epoch 9 (5 after 4) and the last epoch 12.
+    train(epochs=12, best_epochs={1, 2, 4})
+    assert [epoch for epoch, _, _ in reports] == list(range(1, 13))
+    checkpointed = [epoch for epoch, has_checkpoint, _ in reports if has_checkpoint]
+    assert checkpointed == [1, 2, 4, 9, 12]
+
+
+def test_checkpoint_every_evaluated_best(train, reports):
+    train(epochs=6, best_epochs=set(range(1, 7)), eval_every=2)
+    assert [epoch for epoch, has_checkpoint, _ in reports if has_checkpoint] == [2, 4, 6]
+
+
+def test_reports_carry_part_timers(train, reports):
+    train(epochs=3, best_epochs={1})
+    for _, _, result in reports:
+        for name in trainable.TIMERS:
+            assert result[name] >= 0.0, name
+    assert reports[-1][2]["train_time_s"] > reports[0][2]["train_time_s"]
+    assert reports[-1][2]["log_time_s"] >= reports[0][2]["log_time_s"]
