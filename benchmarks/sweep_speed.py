@@ -65,10 +65,11 @@ def main() -> int:
     parser.add_argument("--storage", type=Path, default=None, help="keep experiments here")
     parser.add_argument(
         "--variants",
-        default="fifo,asha",
+        default="fifo,fifo-e20,asha",
         help="overhead: comma-separated sweeps to run, each SCHEDULER[-eN][-new]: fifo "
-        "(every trial to the last epoch) or asha, -eN for eval_every N (default 1), -new "
-        "for a new Ray worker per trial instead of reused workers (default: fifo,asha)",
+        "(every trial to the last epoch) or asha, -eN for eval_every N (default: the "
+        "sweep's, every epoch with fifo, the rungs and the last epoch with asha), -new for "
+        "a new Ray worker per trial instead of reused workers (default: fifo,fifo-e20,asha)",
     )
     parser.add_argument(
         "--trials", type=int, default=8, help="overhead: trials per sweep (default: 8)"
@@ -158,11 +159,15 @@ class Timeline(tune.Callback):
 
 
 def parse_variant(variant: str) -> dict:
-    """Read a variant name: SCHEDULER[-eN][-new], e.g. fifo, asha-e5, fifo-new."""
+    """Read a variant name: SCHEDULER[-eN][-new], e.g. fifo, asha-e5, fifo-new.
+
+    Without -eN the sweep's own default applies (glo_search.search.default_eval_every):
+    metrics every epoch with FIFO, at the rungs and the last epoch with ASHA.
+    """
     parts = variant.split("-")
     if parts[0] not in ("fifo", "asha"):
         raise SystemExit(f"invalid variant {variant!r}: must start with fifo or asha")
-    settings = {"scheduler": parts[0], "eval_every": 1, "reuse": True}
+    settings = {"scheduler": parts[0], "eval_every": None, "reuse": True}
     for part in parts[1:]:
         if part == "new":
             settings["reuse"] = False
@@ -188,7 +193,9 @@ def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> di
             max_epochs=epochs,
             max_concurrent=2,
             cpus_per_trial=1,
-            base_config={"eval_every": settings["eval_every"]},
+            base_config={}
+            if settings["eval_every"] is None
+            else {"eval_every": settings["eval_every"]},
             scheduler=scheduler,
             storage=storage,
             name=name,
