@@ -73,7 +73,7 @@ class GloStep:
         noisy = content if noise is None else content + noise
         saved = self._forward(class_code, noisy)
         output = saved.pop("output")  # (B, 28, 28)
-        diff = (output - images.view(output.shape)).view(-1)
+        diff = (output - images.reshape(output.shape)).view(-1)
         loss, grad = self._pixel_loss(diff)
         grad = torch.ops.aten.sigmoid_backward(grad, output.view(-1))
         grad = self._backward(grad.view(*output.shape, 1), **saved)  # (B, code sizes)
