@@ -493,7 +493,8 @@ def _run_train(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _check_out_folder(out, must_be_empty=True)
     history = train_run(config, out, metric=args.metric, device=args.device)
-    print(f"\nwrote {len(history)} evaluated epochs to {out.resolve()}")
+    epochs = "epoch" if len(history) == 1 else "epochs"
+    print(f"\nwrote {len(history)} evaluated {epochs} to {out.resolve()}")
     print(f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}")
     return 0
 

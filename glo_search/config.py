@@ -67,14 +67,14 @@ class TrainConfig:
     )
     eval_every: int = _field(
         1,
-        "epochs between metric evaluations, each with a Ray Tune report and a checkpoint; "
-        "the last epoch and the ASHA rung epochs of a sweep are always evaluated",
+        "epochs between metric evaluations (in a sweep, each is a Ray Tune report); the "
+        "last epoch and, in a sweep, the ASHA rung epochs are always evaluated",
         "epochs",
     )
     probe_every: int = _field(
         5,
-        "epochs between probe and activation images in TensorBoard (also written at "
-        "each new best epoch); 0 writes none",
+        "epochs between probe and activation images in TensorBoard, written at evaluated "
+        "epochs only (also at each new best epoch and the last); 0 writes none",
         "epochs",
     )
 

@@ -8,9 +8,10 @@ epoch; other epochs train without a report.
 
 A report carries a checkpoint when its epoch is the trial's best so far by the sweep's
 metric, when it is the last epoch, or when the latest checkpoint is CHECKPOINT_EVERY or
-more epochs old. Tune keeps the best checkpoint among those it received, so the best one
-is kept as with a checkpoint every epoch. Each checkpoint costs a copy into storage, a
-copy of the TensorBoard files and a snapshot of Tune's state in the driver.
+more epochs old. Tune keeps the best checkpoint among those it received, so the best
+evaluated epoch's checkpoint is kept as with a checkpoint at every evaluated epoch. Each
+checkpoint costs a copy into storage, a copy of the TensorBoard files and a snapshot of
+Tune's state in the driver.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 # Epochs after which an evaluated epoch gets a checkpoint even when it is not the trial's
 # best so far. Best epochs and the last epoch always get one. The bound limits the epochs
-# that a trial repeats when a crash or a resume restarts it from its latest checkpoint.
+# that a trial repeats when a crash or a resume restarts it from its latest checkpoint,
+# as far as evaluated epochs allow: with metrics only at ASHA's rungs, a whole gap.
 CHECKPOINT_EVERY = 5
 
 # Seconds a trial spends in each part, summed over its epochs and reported with every
