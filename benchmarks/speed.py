@@ -43,6 +43,7 @@ from glo_search.config import TrainConfig
 from glo_search.data import load_dataset
 from glo_search.kernels import upsample_conv_transpose
 from glo_search.trainer import Trainer
+from tests.plain_metrics import plain_style_attributes  # as first written: float64
 
 METRIC_NAMES = tuple(m.METRICS)
 
@@ -249,7 +250,8 @@ def relu_first_predict(
     model, images: torch.Tensor, batch_size: int, channels_last: bool = True
 ) -> torch.Tensor:
     """Predict labels as the classifier did before: ReLU, then max-pooling, after each
-    convolution, with a new tensor for each ReLU output, and channels-last unless told."""
+    convolution, with a new tensor for each ReLU output. Images are channels-last unless
+    ``channels_last`` is False."""
     features = model.features  # conv, pool, ReLU, conv, pool, ReLU
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -260,26 +262,6 @@ def relu_first_predict(
         return model.head(x).argmax(1)
 
     return torch.cat([forward(chunk) for chunk in images.split(batch_size)])
-
-
-def plain_style_attributes(images: torch.Tensor) -> torch.Tensor:
-    """metrics.style_attributes as first written: float64 on (N, H, W) temporaries."""
-    x = images[:, 0].double()  # (N, H, W)
-    height, width = x.shape[1:]
-    ys = torch.arange(height, dtype=x.dtype).view(1, -1, 1)
-    xs = torch.arange(width, dtype=x.dtype).view(1, 1, -1)
-    mass = x.sum(dim=(1, 2)).clamp_min(1e-8)  # (N,)
-    dx = xs - ((x * xs).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
-    dy = ys - ((x * ys).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
-    mu20 = (x * dx * dx).sum(dim=(1, 2)) / mass
-    mu02 = (x * dy * dy).sum(dim=(1, 2)) / mass
-    mu11 = (x * dx * dy).sum(dim=(1, 2)) / mass
-    padded = F.pad(x, (0, 1, 0, 1))
-    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
-    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
-    perimeter = torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)).clamp_min(1e-8)
-    slant = mu11 / mu02.clamp_min(1e-8)
-    return torch.stack([2 * mass / perimeter, slant, mu20.sqrt()], dim=1).float()
 
 
 def evaluation_parts(trainer: Trainer, classifier_before) -> dict:
