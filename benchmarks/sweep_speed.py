@@ -16,10 +16,11 @@ every result (glo_search.trainable.TIMERS). A Tune callback in the driver record
 each trial starts and completes, which splits the time outside the trials.
 
 parts: costs that a reused Ray worker or the driver pays per trial or per result,
-timed without Ray, the cases alternating round by round (median of 15). A trial's trainer
-setup with the worker's cached dataset and swaps against reading the data and computing
-the swaps again; and the driver's per-result Optuna calls: reading the trial back from
-the SQLite study against the searcher's on_trial_result, which writes one value.
+timed without Ray, the cases alternating round by round (median of 15). The first pair is
+a trial's trainer setup with the worker's cached dataset and swaps, against reading the
+data and computing the swaps again. The second pair is the driver's per-result Optuna
+calls: reading the trial back from the SQLite study, against the searcher's
+on_trial_result, which writes one value.
 
 search: a grid of 48 configurations of a reduced `report` space, trained to --epochs
 without early stopping, sets the target: the best disentanglement any of its trials

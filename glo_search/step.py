@@ -96,6 +96,7 @@ class GloStep:
         # (B, 400) as (B, 16, 5, 5), made channels-last (B, 5, 5, 16).
         maps5 = hidden[-1].view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1)
         maps5 = maps5.contiguous()
+
         kernel14 = _folded(self.conv14.weight)
         maps14 = _stage_forward(maps5, kernel14, self.conv14.bias, 0)  # (B, 14, 14, 16)
         norm = self.norm
@@ -111,6 +112,7 @@ class GloStep:
         )
         norm.num_batches_tracked.add_(1)
         active = normalized.relu_().permute(0, 2, 3, 1).contiguous()  # (B, 14, 14, 16)
+
         kernel28 = _folded(self.conv28.weight)
         logits = _stage_forward_t(active, kernel28, self.conv28.bias, 2)  # (B, 28, 28, 1)
         return {

@@ -139,7 +139,7 @@ def test_decode_of_no_codes_is_empty():
     assert decoded.shape == (0, 1, 28, 28)
 
 
-def test_fused_adam_steps_fall_back_for_a_loaded_unfused_group():
+def test_fused_adam_steps_unfused_group():
     parameter = torch.nn.Parameter(torch.zeros(3))
     unfused = torch.optim.Adam([parameter])
     fused = torch.optim.Adam([parameter], fused=True)
