@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py arithmetic   # images/s against the FLOP/s of a matrix product
     python benchmarks/speed.py plain        # against a plain DataLoader loop; same learning
+    python benchmarks/speed.py pair         # the same, two trainings at once, one thread each
     python benchmarks/speed.py metrics      # time in evaluate() against time in train_epoch()
     python benchmarks/speed.py classifier   # the reference classifier by chunk size and dtype
     python benchmarks/speed.py kernels      # fused upsample + transposed conv against PyTorch's
@@ -54,7 +55,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument(
-        "--epochs", type=int, default=10, help="epochs per run for 'plain' learning (default: 10)"
+        "--epochs",
+        type=int,
+        default=10,
+        help="epochs per run for 'plain' learning and per round for 'pair' (default: 10)",
     )
     parser.add_argument(
         "--cpu-time",
@@ -160,29 +164,102 @@ def plain(args) -> dict:
     config = TrainConfig()
     dataset = load_dataset(config)
     trainer = Trainer(config, dataset, device="cpu")
-    # The same trainer with autograd in place of the hand-written step, to show each part.
+    # The same trainer with autograd in place of the hand-written step, and with the
+    # hand-written step in PyTorch operations only (no C kernels), to show each part.
     autograd = Trainer(config, dataset, device="cpu")
     autograd.step = None
+    torch_step = Trainer(config, dataset, device="cpu")
+    torch_step.step.kernels = None
     loop = PlainLoop(config, dataset)
-    cases = {"plain": loop.train_epoch, "autograd": autograd.train_epoch}
-    cases["trainer"] = trainer.train_epoch
+    cases = {
+        "plain": loop.train_epoch,
+        "autograd": autograd.train_epoch,
+        "torch_step": torch_step.train_epoch,
+        "trainer": trainer.train_epoch,
+    }
     for run in cases.values():
         run()  # warm-up
     times = {name: median(values) for name, values in interleaved(cases, args.rounds).items()}
-    plain_s, autograd_s, trainer_s = times["plain"], times["autograd"], times["trainer"]
+    plain_s, trainer_s = times["plain"], times["trainer"]
     print(
         f"seconds per epoch (median of {args.rounds}): plain loop {plain_s:.3f}, trainer "
-        f"{trainer_s:.3f} (with autograd in place of its hand-written step {autograd_s:.3f}); "
-        f"speedup {plain_s / trainer_s:.2f}x ({plain_s / autograd_s:.2f}x with autograd)"
+        f"{trainer_s:.3f}, speedup {plain_s / trainer_s:.2f}x; the trainer with autograd "
+        f"in place of its hand-written step {times['autograd']:.3f} "
+        f"({plain_s / times['autograd']:.2f}x), with the hand-written step in PyTorch "
+        f"operations only {times['torch_step']:.3f} ({plain_s / times['torch_step']:.2f}x)"
     )
+    if trainer.step is None or trainer.step.kernels is None:
+        print("note: the C kernels were not available, so 'trainer' ran without them")
     quality = learning_comparison(args.epochs)
     return {
         "plain_s": plain_s,
-        "autograd_s": autograd_s,
+        "autograd_s": times["autograd"],
+        "torch_step_s": times["torch_step"],
         "trainer_s": trainer_s,
         "speedup": plain_s / trainer_s,
         **quality,
     }
+
+
+def _pair_worker(connection, cpu_time: bool) -> None:
+    """Hold a plain loop and a trainer; train the one each message names, for n epochs."""
+    torch.set_num_threads(1)
+    clock = time.process_time if cpu_time else time.perf_counter
+    config = TrainConfig()
+    dataset = load_dataset(config)
+    runs = {"plain": PlainLoop(config, dataset).train_epoch}
+    runs["trainer"] = Trainer(config, dataset, device="cpu").train_epoch
+    for run in runs.values():
+        run()  # warm-up
+    connection.send("ready")
+    while (message := connection.recv()) is not None:
+        name, epochs = message
+        started = clock()
+        for _ in range(epochs):
+            runs[name]()
+        connection.send((clock() - started) / epochs)
+
+
+def pair(args) -> dict:
+    """Two processes on two cores, one torch thread each, as a sweep runs two trials.
+
+    Each round both processes train the plain loop for --epochs epochs at the same time,
+    then both train the trainer; the figure is images per second of the two together.
+    With --cpu-time each process times itself by its own CPU seconds.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    connections, workers = [], []
+    for _ in range(2):
+        here, there = context.Pipe()
+        worker = context.Process(target=_pair_worker, args=(there, args.cpu_time))
+        worker.start()
+        connections.append(here)
+        workers.append(worker)
+    for connection in connections:
+        connection.recv()
+    images = TrainConfig().num_images
+    rates: dict[str, list[float]] = {"plain": [], "trainer": []}
+    try:
+        for _ in range(args.rounds):
+            for name in rates:
+                for connection in connections:
+                    connection.send((name, args.epochs))
+                seconds = [connection.recv() for connection in connections]
+                rates[name].append(sum(images / s for s in seconds))
+    finally:
+        for connection in connections:
+            connection.send(None)
+        for worker in workers:
+            worker.join()
+    plain_rate, trainer_rate = median(rates["plain"]), median(rates["trainer"])
+    print(
+        f"two trainings at once, one thread each, images per second of both (median of "
+        f"{args.rounds} rounds of {args.epochs} epochs): plain loops {plain_rate:,.0f}, "
+        f"trainers {trainer_rate:,.0f}; speedup {trainer_rate / plain_rate:.2f}x"
+    )
+    return {"plain_images_per_s": plain_rate, "trainer_images_per_s": trainer_rate}
 
 
 def learning_comparison(epochs: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
@@ -593,6 +670,7 @@ def memory(args) -> dict:
 FIGURES = {
     "arithmetic": arithmetic,
     "plain": plain,
+    "pair": pair,
     "metrics": metrics,
     "classifier": classifier,
     "kernels": kernels,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glo_search import native
 from glo_search.kernels import KERNEL, TAPS, _fold_matrix_on
 from glo_search.model import ACTIVATION_CHANNELS, GloGenerator, LatentCodes
 
@@ -34,13 +35,20 @@ def supported(generator: torch.nn.Module, loss: str) -> bool:
 class GloStep:
     """Forward, loss and backward of one batch of the ``glo`` generator, by hand."""
 
-    def __init__(self, generator: GloGenerator, codes: LatentCodes, loss: str) -> None:
+    def __init__(
+        self, generator: GloGenerator, codes: LatentCodes, loss: str, use_native: bool = True
+    ) -> None:
         self.generator = generator
         self.codes = codes
         self.sign_weight, self.linear_weight = LOSS_GRADIENT[loss]
         self.linears = [generator.fc[i] for i in FC_LAYERS]
         self.conv14, self.norm = generator.to_14[1], generator.to_14[2]
         self.conv28 = generator.to_28[1]
+        # The C kernels (glo_search/native) take float32 tensors in CPU memory.
+        tensors = [*generator.parameters(), *generator.buffers(), *codes.parameters()]
+        floats = all(t.dtype in (torch.float32, torch.int64) for t in tensors)
+        on_cpu = all(t.device.type == "cpu" for t in tensors)
+        self.kernels = native.kernels() if use_native and floats and on_cpu else None
         self.allocate_gradients()
 
     def allocate_gradients(self) -> None:
@@ -71,12 +79,15 @@ class GloStep:
         content = self.codes.content.index_select(0, indices)  # (B, content_dim)
         class_code = self.codes.classes.index_select(0, labels)  # (B, class_dim)
         noisy = content if noise is None else content + noise
-        saved = self._forward(class_code, noisy)
-        output = saved.pop("output")  # (B, 28, 28)
-        diff = (output - images.reshape(output.shape)).view(-1)
-        loss, grad = self._pixel_loss(diff)
-        grad = torch.ops.aten.sigmoid_backward(grad, output.view(-1))
-        grad = self._backward(grad.view(*output.shape, 1), **saved)  # (B, code sizes)
+        if self.kernels is not None:
+            loss, grad = self._native_pass(class_code, noisy, images)
+        else:
+            saved = self._forward(class_code, noisy)
+            output = saved.pop("output")  # (B, 28, 28)
+            diff = (output - images.reshape(output.shape)).view(-1)
+            loss, grad = self._pixel_loss(diff)
+            grad = torch.ops.aten.sigmoid_backward(grad, output.view(-1))
+            grad = self._backward(grad.view(*output.shape, 1), **saved)  # (B, code sizes)
 
         class_dim = class_code.shape[1]
         self.codes.classes.grad.zero_().index_add_(0, labels, grad[:, :class_dim])
@@ -86,6 +97,70 @@ class GloStep:
             content_grad = content_grad.add(content, alpha=2 * content_decay / len(content))
         self.codes.content.grad.zero_().index_add_(0, indices, content_grad)
         return loss
+
+    def _native_pass(
+        self, class_code: torch.Tensor, content_code: torch.Tensor, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss and backward with the C kernels between the matrix products.
+
+        Return the pixel loss and the gradient of the generator's input, as
+        :meth:`_forward`, :meth:`_pixel_loss` and :meth:`_backward` do together.
+        """
+        lib = self.kernels
+        batch = len(class_code)
+        channels = ACTIVATION_CHANNELS
+        conv14, norm, conv28 = self.conv14, self.norm, self.conv28
+        hidden = [torch.cat([class_code, content_code], dim=1)]
+        for linear in self.linears:
+            hidden.append(torch.addmm(linear.bias, hidden[-1], linear.weight.t()).relu_())
+        maps5 = hidden[-1].view(batch, channels, 5, 5).permute(0, 2, 3, 1).contiguous()
+
+        kernel14 = _folded(conv14.weight)  # (in, [q1 q2 r1 r2 out])
+        taps = maps5.view(-1, channels) @ kernel14  # (B*5*5, [q1 q2 r1 r2 out])
+        maps14 = taps.new_empty(batch, 14, 14, channels)
+        lib.stage_scatter(taps, conv14.bias, maps14, batch, 5, 5, channels, 0)
+        active = torch.empty_like(maps14)
+        mean, invstd = taps.new_empty(2, channels)
+        rows = batch * 14 * 14
+        lib.norm_relu_forward(
+            *(maps14, norm.weight, norm.bias, norm.running_mean, norm.running_var),
+            *(active, mean, invstd),
+            *(batch, 14 * 14, channels),
+            norm.momentum,
+            norm.eps,
+        )
+        norm.num_batches_tracked.add_(1)
+
+        kernel28 = _folded(conv28.weight)  # (in, [q1 q2 r1 r2])
+        taps28 = kernel28.t() @ active.view(rows, channels).t()  # ([q1 q2 r1 r2], B*14*14)
+        grad28 = taps.new_empty(batch, 28, 28)  # d(loss)/d(logits)
+        sums = torch.empty(2, dtype=torch.float64)
+        pixels = grad28.numel()
+        lib.stage_loss(
+            *(taps28, conv28.bias, images.contiguous(), grad28, sums),
+            *(batch, 14, 14, 2),
+            self.sign_weight,
+            self.linear_weight,
+            pixels,
+        )
+        abs_sum, square_sum = sums.tolist()
+        loss = (self.sign_weight * abs_sum + self.linear_weight / 2 * square_sum) / pixels
+
+        grad_taps28 = torch.empty_like(taps28)
+        lib.stage_gather_positions(grad28, grad_taps28, conv28.bias.grad, batch, 14, 14, 2)
+        _set_weight_grad(conv28, (grad_taps28 @ active.view(rows, channels)).t())
+        grad_active = grad_taps28.t() @ kernel28.t()  # (B*14*14, in)
+        grad_maps14 = torch.empty_like(maps14)
+        lib.norm_relu_backward(
+            *(grad_active, active, maps14, mean, invstd, norm.weight),
+            *(grad_maps14, norm.weight.grad, norm.bias.grad),
+            *(batch, 14 * 14, channels),
+        )
+        lib.stage_gather(grad_maps14, taps, conv14.bias.grad, batch, 5, 5, channels, 0)
+        _set_weight_grad(conv14, maps5.view(-1, channels).t() @ taps)
+        grad = (taps @ kernel14.t()).view(batch, 5, 5, channels)
+        grad = grad.permute(0, 3, 1, 2).reshape(batch, -1)  # (B, 400)
+        return torch.tensor(loss), self._linear_backward(grad, hidden)
 
     def _forward(self, class_code: torch.Tensor, content_code: torch.Tensor) -> dict:
         """Run the generator in training mode; return its output and what backward needs."""
@@ -158,6 +233,11 @@ class GloStep:
         grad = grad.permute(0, 2, 3, 1).contiguous()
         grad = _stage_backward(grad, maps5, kernel14, self.conv14, 0)  # (B, 5, 5, 16)
         grad = grad.permute(0, 3, 1, 2).reshape(len(grad), -1)  # (B, 400)
+        return self._linear_backward(grad, hidden)
+
+    def _linear_backward(self, grad: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Set the linear layers' gradients from their output's gradient (B, 400); return
+        the gradient of the generator's input."""
         layers = reversed(list(zip(self.linears, hidden[:-1], hidden[1:], strict=True)))
         for linear, inputs, outputs in layers:
             grad = torch.ops.aten.threshold_backward(grad, outputs, 0)

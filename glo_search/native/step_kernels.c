@@ -1,0 +1,406 @@
+/*
+ * Element-wise parts of the hand-written training step (glo_search/step.py), in C.
+ *
+ * At a batch of 32 the step's matrix products are left to PyTorch, and what remains is
+ * dozens of small tensor operations: shifted sums, interleaving, batch norm, the loss.
+ * Each costs a few microseconds of dispatch in PyTorch; here each group of them is one
+ * pass over memory. glo_search/native/__init__.py compiles this file on first use.
+ *
+ * Every array is float32, contiguous, in the layout its comment gives. The work is split
+ * by image over OpenMP threads (PyTorch's own pool, whose size torch.set_num_threads
+ * sets). Sums over the batch are taken per image in double and then added in image
+ * order, so results do not depend on the number of threads.
+ *
+ * Names used below: a stage upsamples an (H, W) map x2 and applies a transposed 5x5
+ * convolution, computed as a 3x3 grid of taps q per output phase r (glo_search/kernels.py).
+ * Output row 2 * (h + q1) + r1 - pad receives input row h through tap q1 in phase r1;
+ * the output has 2 * (H + 2) - 2 * pad rows, and likewise for columns.
+ */
+
+#include <math.h>
+#include <stdint.h>
+
+#define TAPS 3
+#define TAP_PHASES (TAPS * TAPS * 4) /* (q1, q2, r1, r2) */
+#define LANES 16 /* partial sums kept apart, so that the loops summing floats vectorize */
+
+static inline int64_t out_size(int64_t size, int64_t pad) { return 2 * (size + 2) - 2 * pad; }
+
+/* Tap-phase k = (q1, q2, r1, r2) moves an input pixel by (2 q1 + r1, 2 q2 + r2) rows and
+ * columns, before the padding is taken off. */
+static inline int64_t row_offset(int64_t k) { return 2 * (k / 12) + (k / 2) % 2; }
+static inline int64_t column_offset(int64_t k) { return 2 * ((k / 4) % 3) + k % 2; }
+
+/* dst[i] += src[i] and dst[i] = src[i], for n floats that do not overlap */
+static inline void add_floats(float *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        dst[i] += src[i];
+    }
+}
+
+static inline void copy_floats(float *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        dst[i] = src[i];
+    }
+}
+
+/* sums[c] = sum over rows of x[row, c], for x (rows, C) */
+static void column_sums(double *restrict sums, const float *restrict x, int64_t rows,
+                        int64_t channels) {
+    for (int64_t c = 0; c < channels; c++) {
+        sums[c] = 0.0;
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        for (int64_t c = 0; c < channels; c++) {
+            sums[c] += x[i * channels + c];
+        }
+    }
+}
+
+/* out[c] = sum over images of partial[image, c], in image order */
+static void add_partials(double *restrict out, const double *restrict partial, int64_t images,
+                         int64_t channels) {
+    for (int64_t c = 0; c < channels; c++) {
+        out[c] = 0.0;
+    }
+    for (int64_t b = 0; b < images; b++) {
+        for (int64_t c = 0; c < channels; c++) {
+            out[c] += partial[b * channels + c];
+        }
+    }
+}
+
+/* the sum of n floats, in double */
+static double float_sum(const float *restrict x, int64_t n) {
+    float lanes[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        for (int64_t l = 0; l < LANES; l++) {
+            lanes[l] += x[i + l];
+        }
+    }
+    double sum = 0.0;
+    for (; i < n; i++) {
+        sum += x[i];
+    }
+    for (int64_t l = 0; l < LANES; l++) {
+        sum += lanes[l];
+    }
+    return sum;
+}
+
+/*
+ * Channels-last stage, forward: out = bias + the taps scattered to their output pixels.
+ * taps (B, H, W, 3, 3, 2, 2, C): the input map times the folded kernel.
+ * out (B, Ho, Wo, C).
+ */
+void stage_scatter(const float *restrict taps, const float *restrict bias, float *restrict out,
+                   int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t pad) {
+    const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        float *image = out + b * out_h * out_w * channels;
+        for (int64_t p = 0; p < out_h * out_w; p++) {
+            copy_floats(image + p * channels, bias, channels);
+        }
+        for (int64_t h = 0; h < height; h++) {
+            for (int64_t w = 0; w < width; w++) {
+                const float *src = taps + ((b * height + h) * width + w) * TAP_PHASES * channels;
+                for (int64_t k = 0; k < TAP_PHASES; k++) {
+                    const int64_t y = 2 * h + row_offset(k) - pad;
+                    const int64_t x = 2 * w + column_offset(k) - pad;
+                    if (y >= 0 && y < out_h && x >= 0 && x < out_w) {
+                        add_floats(image + (y * out_w + x) * channels, src + k * channels,
+                                   channels);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/*
+ * Channels-last stage, backward: the taps' gradient gathered from the output's gradient,
+ * zero where a tap falls outside the output, and the bias gradient (sum over pixels).
+ * grad (B, Ho, Wo, C) -> taps (B, H, W, 3, 3, 2, 2, C), bias_grad (C).
+ */
+void stage_gather(const float *restrict grad, float *restrict taps, float *restrict bias_grad,
+                  int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t pad) {
+    const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
+    double partial[batch * channels], sums[channels];
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        const float *image = grad + b * out_h * out_w * channels;
+        for (int64_t h = 0; h < height; h++) {
+            for (int64_t w = 0; w < width; w++) {
+                float *dst = taps + ((b * height + h) * width + w) * TAP_PHASES * channels;
+                for (int64_t k = 0; k < TAP_PHASES; k++) {
+                    const int64_t y = 2 * h + row_offset(k) - pad;
+                    const int64_t x = 2 * w + column_offset(k) - pad;
+                    float *value = dst + k * channels;
+                    if (y >= 0 && y < out_h && x >= 0 && x < out_w) {
+                        copy_floats(value, image + (y * out_w + x) * channels, channels);
+                    } else {
+                        for (int64_t c = 0; c < channels; c++) {
+                            value[c] = 0.0f;
+                        }
+                    }
+                }
+            }
+        }
+        column_sums(partial + b * channels, image, out_h * out_w, channels);
+    }
+    add_partials(sums, partial, batch, channels);
+    for (int64_t c = 0; c < channels; c++) {
+        bias_grad[c] = (float)sums[c];
+    }
+}
+
+/* exp(x) for x <= 0 to about 2 ulp, written so that loops over it vectorize. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    /* n = x / ln 2 rounded to the nearest integer: adding 1.5 * 2^23 drops the fraction */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    /* x - n ln 2, with ln 2 split in two for precision */
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        int32_t bits;
+        float value;
+    } scale = {.bits = ((int32_t)n + 127) << 23}; /* 2^n */
+    return p * scale.value;
+}
+
+/*
+ * Single-channel stage with image positions innermost, forward, followed by the sigmoid,
+ * the pixel loss against the targets and the loss's gradient at the logits.
+ * taps ([q1 q2 r1 r2], B, H, W), bias (1), targets (B, Ho, Wo) -> grad (B, Ho, Wo).
+ * sums (2): sum of |d| and sum of d^2, where d = output - target. The gradient is
+ * (sign_weight sign(d) + linear_weight d) / scale times the sigmoid's slope.
+ */
+void stage_loss(const float *restrict taps, const float *restrict bias,
+                const float *restrict targets, float *restrict grad, double *restrict sums,
+                int64_t batch, int64_t height, int64_t width, int64_t pad, float sign_weight,
+                float linear_weight, float scale) {
+    const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
+    const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
+    const int64_t pixels = out_h * out_w;
+    const float sign_factor = sign_weight / scale, linear_factor = linear_weight / scale;
+    double abs_sums[batch], square_sums[batch];
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        float phases[4 * phase_h * phase_w], logits[pixels], squares[pixels];
+        for (int64_t i = 0; i < 4 * phase_h * phase_w; i++) {
+            phases[i] = bias[0];
+        }
+        for (int64_t k = 0; k < TAP_PHASES; k++) {
+            const int64_t q1 = k / 12, q2 = (k / 4) % 3, r = k % 4;
+            const float *src = taps + (k * batch + b) * positions;
+            for (int64_t h = 0; h < height; h++) {
+                add_floats(phases + (r * phase_h + h + q1) * phase_w + q2, src + h * width,
+                           width);
+            }
+        }
+        /* Interleave the phases: output row y is phase row (y + pad) / 2 of parity
+         * (y + pad) % 2, and likewise for columns. */
+        for (int64_t y = 0; y < out_h; y++) {
+            const int64_t m1 = (y + pad) / 2, r1 = (y + pad) % 2;
+            for (int64_t x = 0; x < out_w; x++) {
+                const int64_t m2 = (x + pad) / 2, r2 = (x + pad) % 2;
+                logits[y * out_w + x] = phases[((r1 * 2 + r2) * phase_h + m1) * phase_w + m2];
+            }
+        }
+        const float *target = targets + b * pixels;
+        float *out = grad + b * pixels;
+        for (int64_t i = 0; i < pixels; i++) {
+            const float e = exp_nonpositive(-fabsf(logits[i])); /* in (0, 1] */
+            const float s = 1.0f / (1.0f + e);
+            const float output = logits[i] >= 0.0f ? s : e * s;
+            const float d = output - target[i];
+            const float sign = (float)(d > 0.0f) - (float)(d < 0.0f);
+            out[i] = (sign_factor * sign + linear_factor * d) * (output * (1.0f - output));
+            logits[i] = fabsf(d); /* kept for the sums below */
+            squares[i] = d * d;
+        }
+        abs_sums[b] = float_sum(logits, pixels);
+        square_sums[b] = float_sum(squares, pixels);
+    }
+    sums[0] = 0.0;
+    sums[1] = 0.0;
+    for (int64_t b = 0; b < batch; b++) {
+        sums[0] += abs_sums[b];
+        sums[1] += square_sums[b];
+    }
+}
+
+/*
+ * Backward of stage_loss's stage: the taps' gradient from the logits' gradient, with
+ * image positions innermost, and the bias gradient.
+ * grad (B, Ho, Wo) -> taps ([q1 q2 r1 r2], B, H, W), bias_grad (1).
+ */
+void stage_gather_positions(const float *restrict grad, float *restrict taps,
+                            float *restrict bias_grad, int64_t batch, int64_t height,
+                            int64_t width, int64_t pad) {
+    const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
+    const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
+    double partial[batch];
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        /* Split the gradient into its four phases, zero where the output was cropped. */
+        float phases[4 * phase_h * phase_w];
+        for (int64_t i = 0; i < 4 * phase_h * phase_w; i++) {
+            phases[i] = 0.0f;
+        }
+        const float *image = grad + b * out_h * out_w;
+        for (int64_t y = 0; y < out_h; y++) {
+            const int64_t m1 = (y + pad) / 2, r1 = (y + pad) % 2;
+            for (int64_t x = 0; x < out_w; x++) {
+                const int64_t m2 = (x + pad) / 2, r2 = (x + pad) % 2;
+                phases[((r1 * 2 + r2) * phase_h + m1) * phase_w + m2] = image[y * out_w + x];
+            }
+        }
+        partial[b] = float_sum(image, out_h * out_w);
+        for (int64_t k = 0; k < TAP_PHASES; k++) {
+            const int64_t q1 = k / 12, q2 = (k / 4) % 3, r = k % 4;
+            float *dst = taps + (k * batch + b) * positions;
+            for (int64_t h = 0; h < height; h++) {
+                copy_floats(dst + h * width, phases + (r * phase_h + h + q1) * phase_w + q2,
+                            width);
+            }
+        }
+    }
+    double sum = 0.0;
+    for (int64_t b = 0; b < batch; b++) {
+        sum += partial[b];
+    }
+    bias_grad[0] = (float)sum;
+}
+
+/*
+ * Batch norm in training mode (batch statistics) followed by ReLU, channels-last.
+ * x (B, P, C) -> active (B, P, C), for P pixels per image; mean and invstd (C) of the
+ * batch; running_mean and running_var (C) move by momentum, the variance unbiased, as
+ * torch.nn.BatchNorm2d does.
+ */
+void norm_relu_forward(const float *restrict x, const float *restrict weight,
+                       const float *restrict bias, float *restrict running_mean,
+                       float *restrict running_var, float *restrict active, float *restrict mean,
+                       float *restrict invstd, int64_t batch, int64_t pixels, int64_t channels,
+                       float momentum, float eps) {
+    const int64_t rows = batch * pixels, size = pixels * channels;
+    double partial[batch * channels], means[channels], squares[channels];
+    float shift[channels], gain[channels];
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            column_sums(partial + b * channels, x + b * size, pixels, channels);
+        }
+#pragma omp single
+        {
+            add_partials(means, partial, batch, channels);
+            for (int64_t c = 0; c < channels; c++) {
+                means[c] /= (double)rows;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            double *sums = partial + b * channels;
+            for (int64_t c = 0; c < channels; c++) {
+                sums[c] = 0.0;
+            }
+            for (int64_t i = 0; i < pixels; i++) {
+                for (int64_t c = 0; c < channels; c++) {
+                    const double d = x[b * size + i * channels + c] - means[c];
+                    sums[c] += d * d;
+                }
+            }
+        }
+#pragma omp single
+        {
+            add_partials(squares, partial, batch, channels);
+            for (int64_t c = 0; c < channels; c++) {
+                const double variance = squares[c] / (double)rows;
+                mean[c] = (float)means[c];
+                invstd[c] = (float)(1.0 / sqrt(variance + eps));
+                running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean[c];
+                const double unbiased = rows > 1 ? squares[c] / (double)(rows - 1) : variance;
+                running_var[c] = (1.0f - momentum) * running_var[c] + momentum * (float)unbiased;
+                gain[c] = invstd[c] * weight[c];
+                shift[c] = bias[c] - mean[c] * gain[c];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t j = b * size; j < (b + 1) * size; j += channels) {
+                for (int64_t c = 0; c < channels; c++) {
+                    const float value = x[j + c] * gain[c] + shift[c];
+                    active[j + c] = value > 0.0f ? value : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/*
+ * Backward of norm_relu_forward: grad_active (B, P, C) -> grad_x (B, P, C), and the
+ * gradients of the norm's weight and bias (C).
+ */
+void norm_relu_backward(const float *restrict grad_active, const float *restrict active,
+                        const float *restrict x, const float *restrict mean,
+                        const float *restrict invstd, const float *restrict weight,
+                        float *restrict grad_x, float *restrict weight_grad,
+                        float *restrict bias_grad, int64_t batch, int64_t pixels,
+                        int64_t channels) {
+    const int64_t rows = batch * pixels, size = pixels * channels;
+    double partial[2 * batch * channels], sums[channels], products[channels];
+    float scale[channels], offset[channels], slope[channels];
+#pragma omp parallel
+    {
+        /* First the gradient through ReLU into grad_x, and its sums per image. */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t j = b * size; j < (b + 1) * size; j++) {
+                grad_x[j] = active[j] > 0.0f ? grad_active[j] : 0.0f;
+            }
+            column_sums(partial + b * channels, grad_x + b * size, pixels, channels);
+            double *product = partial + (batch + b) * channels;
+            for (int64_t c = 0; c < channels; c++) {
+                product[c] = 0.0;
+            }
+            for (int64_t j = b * size; j < (b + 1) * size; j += channels) {
+                for (int64_t c = 0; c < channels; c++) {
+                    product[c] += grad_x[j + c] * (x[j + c] - mean[c]);
+                }
+            }
+        }
+#pragma omp single
+        {
+            add_partials(sums, partial, batch, channels);
+            add_partials(products, partial + batch * channels, batch, channels);
+            for (int64_t c = 0; c < channels; c++) {
+                const double centred = products[c] * invstd[c]; /* sum of g * normalized x */
+                weight_grad[c] = (float)centred;
+                bias_grad[c] = (float)sums[c];
+                scale[c] = weight[c] * invstd[c];
+                offset[c] = (float)(sums[c] / (double)rows);
+                slope[c] = (float)(centred / (double)rows) * invstd[c];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t j = b * size; j < (b + 1) * size; j += channels) {
+                for (int64_t c = 0; c < channels; c++) {
+                    const float g = grad_x[j + c];
+                    grad_x[j + c] = scale[c] * (g - offset[c] - (x[j + c] - mean[c]) * slope[c]);
+                }
+            }
+        }
+    }
+}
