@@ -21,6 +21,7 @@ COMMANDS = [
     ["speed.py", "arithmetic"],
     ["speed.py", "plain", "--threads", "1"],
     ["speed.py", "plain"],
+    ["speed.py", "pair", "--threads", "1"],
     ["speed.py", "kernels", "--threads", "1"],
     ["speed.py", "metrics", "--threads", "1"],
     ["speed.py", "classifier", "--threads", "1"],

@@ -273,6 +273,18 @@ def decode(
     hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
     maps5 = hidden.view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1).contiguous()
     conv14, norm = generator.to_14[1], generator.to_14[2]
+    conv28 = generator.to_28[1]
+    lib = native.kernels() if maps5.dtype == torch.float32 and not maps5.is_cuda else None
+    if lib is not None:
+        taps = maps5.view(-1, ACTIVATION_CHANNELS) @ _folded(conv14.weight)
+        maps14 = taps.new_empty(batch, 14, 14, ACTIVATION_CHANNELS)
+        lib.stage_scatter(taps, conv14.bias, maps14, batch, 5, 5, ACTIVATION_CHANNELS, 0)
+        gain = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        active = torch.addcmul(norm.bias - norm.running_mean * gain, maps14, gain).relu_()
+        taps28 = _folded(conv28.weight).t() @ active.view(-1, ACTIVATION_CHANNELS).t()
+        images = taps.new_empty(batch, 1, 28, 28)
+        lib.stage_loss(taps28, conv28.bias, None, images, None, batch, 14, 14, 2, 0, 0, 1)
+        return images
     maps14 = _stage_forward(maps5, _folded(conv14.weight), conv14.bias, 0)
     normalized = F.batch_norm(
         maps14.permute(0, 3, 1, 2),
@@ -285,7 +297,6 @@ def decode(
         norm.eps,
     )
     active = normalized.relu_().permute(0, 2, 3, 1).contiguous()
-    conv28 = generator.to_28[1]
     logits = _stage_forward_t(active, _folded(conv28.weight), conv28.bias, 2)
     return logits.permute(0, 3, 1, 2).sigmoid()  # (B, 1, 28, 28)
 

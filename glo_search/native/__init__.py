@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,6 +53,7 @@ SIGNATURES = {
 
 
 def _compiler() -> str | None:
+    """The compiler command: $CC (which may carry words, as in "ccache gcc"), cc or gcc."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
@@ -79,12 +81,14 @@ def library_path(compiler: str) -> Path:
 
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, private = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    handle, private = tempfile.mkstemp(prefix="building-", suffix=".so", dir=target.parent)
     os.close(handle)
+    portable = [flag for flag in FLAGS if flag != "-march=native"]
     try:
-        for flags in ([*FLAGS, OPENMP], FLAGS):
+        # The first set that compiles wins: OpenMP, then serial, then without -march.
+        for flags in ([*FLAGS, OPENMP], FLAGS, portable):
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", private, "-lm"],
+                [*shlex.split(compiler), *flags, str(SOURCE), "-o", private, "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,

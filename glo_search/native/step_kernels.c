@@ -18,6 +18,7 @@
  */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define TAPS 3
@@ -177,12 +178,20 @@ static inline float exp_nonpositive(float x) {
     return p * scale.value;
 }
 
+static inline float sigmoid(float x) {
+    const float e = exp_nonpositive(-fabsf(x)); /* in (0, 1] */
+    const float s = 1.0f / (1.0f + e);
+    return x >= 0.0f ? s : e * s;
+}
+
 /*
  * Single-channel stage with image positions innermost, forward, followed by the sigmoid,
  * the pixel loss against the targets and the loss's gradient at the logits.
  * taps ([q1 q2 r1 r2], B, H, W), bias (1), targets (B, Ho, Wo) -> grad (B, Ho, Wo).
  * sums (2): sum of |d| and sum of d^2, where d = output - target. The gradient is
  * (sign_weight sign(d) + linear_weight d) / scale times the sigmoid's slope.
+ * With targets NULL, grad receives the outputs (the sigmoid of the logits) and sums is
+ * left alone: the stage's forward pass alone, for decoding.
  */
 void stage_loss(const float *restrict taps, const float *restrict bias,
                 const float *restrict targets, float *restrict grad, double *restrict sums,
@@ -216,12 +225,16 @@ void stage_loss(const float *restrict taps, const float *restrict bias,
                 logits[y * out_w + x] = phases[((r1 * 2 + r2) * phase_h + m1) * phase_w + m2];
             }
         }
-        const float *target = targets + b * pixels;
         float *out = grad + b * pixels;
+        if (targets == NULL) {
+            for (int64_t i = 0; i < pixels; i++) {
+                out[i] = sigmoid(logits[i]);
+            }
+            continue;
+        }
+        const float *target = targets + b * pixels;
         for (int64_t i = 0; i < pixels; i++) {
-            const float e = exp_nonpositive(-fabsf(logits[i])); /* in (0, 1] */
-            const float s = 1.0f / (1.0f + e);
-            const float output = logits[i] >= 0.0f ? s : e * s;
+            const float output = sigmoid(logits[i]);
             const float d = output - target[i];
             const float sign = (float)(d > 0.0f) - (float)(d < 0.0f);
             out[i] = (sign_factor * sign + linear_factor * d) * (output * (1.0f - output));
@@ -230,6 +243,9 @@ void stage_loss(const float *restrict taps, const float *restrict bias,
         }
         abs_sums[b] = float_sum(logits, pixels);
         square_sums[b] = float_sum(squares, pixels);
+    }
+    if (targets == NULL) {
+        return;
     }
     sums[0] = 0.0;
     sums[1] = 0.0;
