@@ -10,6 +10,12 @@ statistics equal autograd's on the module path to float rounding (tests/test_ste
 
 It covers the ``glo`` generator and the losses ``l1``, ``l2`` and ``l1+l2``; the trainer
 uses autograd for every other combination.
+
+Between the matrix products, which stay PyTorch's, the step and :func:`decode` run the
+C kernels of :mod:`glo_search.native` on float32 tensors in CPU memory: each replaces a
+run of small tensor operations (shifted sums, interleaving, batch norm, the loss) by one
+pass over memory. Without them (no C compiler, ``GLO_SEARCH_NATIVE=0``, float64) the
+same computation runs in PyTorch operations.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def test_native_step_matches_autograd_in_float64(loss, batch):
             assert buffers[name].item() == buffer.item(), name
 
 
-def test_native_kernels_give_the_same_bits_on_any_number_of_threads():
+def test_kernels_same_bits_any_thread_count():
     lib = native.kernels()
     generator = torch.Generator().manual_seed(0)
     batch = 7
@@ -120,13 +120,13 @@ def test_native_kernels_give_the_same_bits_on_any_number_of_threads():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run()
+        one_thread = run()
         torch.set_num_threads(2)
-        two = run()
+        two_threads = run()
     finally:
         torch.set_num_threads(threads)
-    for name in one:
-        assert torch.equal(one[name], two[name]), name
+    for name in one_thread:
+        assert torch.equal(one_thread[name], two_threads[name]), name
 
 
 def test_build_lands_in_the_cache_and_is_reused(fresh_build, caplog):
@@ -145,7 +145,7 @@ def test_build_lands_in_the_cache_and_is_reused(fresh_build, caplog):
     assert list((fresh_build / "native").iterdir()) == builds  # no temporary files left
 
 
-def test_failed_build_falls_back_to_pytorch_with_a_warning(fresh_build, monkeypatch, caplog):
+def test_failed_build_falls_back_with_warning(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     assert native.kernels() is None
     assert "could not build the training step's C kernels" in caplog.text

@@ -5,8 +5,8 @@ folder (``$GLO_SEARCH_CACHE/native``, else ``~/.cache/glo-search/native``) and l
 with ctypes. The library's name carries a hash of the source, the compiler command and
 the CPU's instruction-set flags, so a changed file, compiler or CPU (a cluster node of
 another kind sharing the home folder) gets its own build. Building takes about a second
-and happens once per machine; concurrent builds (trials starting at once) each write a
-private file and rename it into place.
+and happens once per machine. Concurrent builds (trials starting at once) each write a
+private file and then rename it into place.
 
 Without a working compiler, or with ``GLO_SEARCH_NATIVE=0``, :func:`kernels` returns
 None and the step keeps its PyTorch form, which gives the same results to float
@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("step_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
-# With OpenMP the kernels split their work over PyTorch's threads (PyTorch's libgomp is
-# loaded first, so the library shares its pool); a compiler without it builds them serial.
+# With OpenMP the kernels split their work over PyTorch's threads: PyTorch's libgomp is
+# loaded first, so the library shares its pool. Without OpenMP they run on one thread.
 OPENMP = "-fopenmp"
 ENV_SWITCH = "GLO_SEARCH_NATIVE"  # "0" turns the C kernels off
 
@@ -53,12 +53,13 @@ SIGNATURES = {
 
 
 def _compiler() -> str | None:
-    """The compiler command: $CC (which may carry words, as in "ccache gcc"), cc or gcc."""
+    """Return the compiler command: $CC (which may hold several words, as in "ccache gcc"),
+    else cc or gcc."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def _cpu_flags() -> str:
-    """The CPU's instruction-set flags, or its name where /proc/cpuinfo is missing."""
+    """Return the CPU's instruction-set flags, or its name where /proc/cpuinfo is missing."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -69,7 +70,7 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
-    """Where the build for this source, compiler, flags and CPU lives."""
+    """Return the path of the build for this source, compiler, flags and CPU."""
     from glo_search.classifier import cache_dir
 
     key = hashlib.sha256()
@@ -85,7 +86,7 @@ def _build(compiler: str, target: Path) -> None:
     os.close(handle)
     portable = [flag for flag in FLAGS if flag != "-march=native"]
     try:
-        # The first set that compiles wins: OpenMP, then serial, then without -march.
+        # The first flag set that compiles wins: OpenMP, then one thread, then no -march.
         for flags in ([*FLAGS, OPENMP], FLAGS, portable):
             result = subprocess.run(
                 [*shlex.split(compiler), *flags, str(SOURCE), "-o", private, "-lm"],
