@@ -124,7 +124,7 @@ class GloStep:
         kernel14 = _folded(conv14.weight)  # (in, [q1 q2 r1 r2 out])
         taps = maps5.view(-1, channels) @ kernel14  # (B*5*5, [q1 q2 r1 r2 out])
         maps14 = taps.new_empty(batch, 14, 14, channels)
-        lib.stage_scatter(taps, conv14.bias, maps14, batch, 5, 5, channels, 0)
+        lib.stage_scatter(taps, conv14.bias, maps14, None, None, batch, 5, 5, channels, 0)
         active = torch.empty_like(maps14)
         mean, invstd = taps.new_empty(2, channels)
         rows = batch * 14 * 14
@@ -268,30 +268,57 @@ class GloStep:
 
 @torch.no_grad()
 def decode(
-    generator: GloGenerator, class_code: torch.Tensor, content_code: torch.Tensor
+    generator: GloGenerator,
+    class_code: torch.Tensor,
+    content_code: torch.Tensor,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Decode codes with the ``glo`` generator in evaluation mode (batch-norm running
     statistics), by the stages of :class:`GloStep`. Equals ``generator(...)`` to float
-    rounding."""
+    rounding.
+
+    The linear layers take every code at once. The convolution stages then run on
+    ``chunk`` images at a time (all at once by default), whose maps stay in cache.
+    """
     batch = len(class_code)
     if batch == 0:
         return class_code.new_empty(0, 1, 28, 28)
+    channels = ACTIVATION_CHANNELS
     hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
-    maps5 = hidden.view(batch, ACTIVATION_CHANNELS, 5, 5).permute(0, 2, 3, 1).contiguous()
+    maps5 = hidden.view(batch, channels, 5, 5).permute(0, 2, 3, 1).contiguous()
     conv14, norm = generator.to_14[1], generator.to_14[2]
     conv28 = generator.to_28[1]
+    kernel14, kernel28 = _folded(conv14.weight), _folded(conv28.weight)
     lib = native.kernels() if maps5.dtype == torch.float32 and not maps5.is_cuda else None
     if lib is not None:
-        taps = maps5.view(-1, ACTIVATION_CHANNELS) @ _folded(conv14.weight)
-        maps14 = taps.new_empty(batch, 14, 14, ACTIVATION_CHANNELS)
-        lib.stage_scatter(taps, conv14.bias, maps14, batch, 5, 5, ACTIVATION_CHANNELS, 0)
         gain = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        active = torch.addcmul(norm.bias - norm.running_mean * gain, maps14, gain).relu_()
-        taps28 = _folded(conv28.weight).t() @ active.view(-1, ACTIVATION_CHANNELS).t()
-        images = taps.new_empty(batch, 1, 28, 28)
-        lib.stage_loss(taps28, conv28.bias, None, images, None, batch, 14, 14, 2, 0, 0, 1)
-        return images
-    maps14 = _stage_forward(maps5, _folded(conv14.weight), conv14.bias, 0)
+        shift = norm.bias - norm.running_mean * gain
+    outputs = []
+    for part in maps5.split(chunk or batch):
+        if lib is None:
+            outputs.append(_decode_stages(part, kernel14, kernel28, conv14, norm, conv28))
+            continue
+        size = len(part)
+        taps = part.view(-1, channels) @ kernel14
+        active = taps.new_empty(size, 14, 14, channels)
+        lib.stage_scatter(taps, conv14.bias, active, gain, shift, size, 5, 5, channels, 0)
+        taps28 = kernel28.t() @ active.view(-1, channels).t()
+        images = taps.new_empty(size, 1, 28, 28)
+        lib.stage_loss(taps28, conv28.bias, None, images, None, size, 14, 14, 2, 0, 0, 1)
+        outputs.append(images)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _decode_stages(
+    maps5: torch.Tensor,
+    kernel14: torch.Tensor,
+    kernel28: torch.Tensor,
+    conv14: torch.nn.ConvTranspose2d,
+    norm: torch.nn.BatchNorm2d,
+    conv28: torch.nn.ConvTranspose2d,
+) -> torch.Tensor:
+    """Run decode's convolution stages in PyTorch operations: (B, 5, 5, 16) -> images."""
+    maps14 = _stage_forward(maps5, kernel14, conv14.bias, 0)
     normalized = F.batch_norm(
         maps14.permute(0, 3, 1, 2),
         norm.running_mean,
@@ -303,7 +330,7 @@ def decode(
         norm.eps,
     )
     active = normalized.relu_().permute(0, 2, 3, 1).contiguous()
-    logits = _stage_forward_t(active, _folded(conv28.weight), conv28.bias, 2)
+    logits = _stage_forward_t(active, kernel28, conv28.bias, 2)
     return logits.permute(0, 3, 1, 2).sigmoid()  # (B, 1, 28, 28)
 
 

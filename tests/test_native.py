@@ -92,6 +92,8 @@ def test_kernels_same_bits_any_thread_count():
 
     def run():
         out = {
+            "maps": torch.empty(batch, 14, 14, 16),
+            "normalized": torch.empty(batch, 14, 14, 16),
             "taps": torch.empty(batch * 25, 576),
             "bias_grad": torch.empty(16),
             "loss_grad": torch.empty(batch, 28, 28),
@@ -102,6 +104,8 @@ def test_kernels_same_bits_any_thread_count():
             "norm_grads": torch.empty(2, 16),
         }
         lib.stage_gather(grad, out["taps"], out["bias_grad"], batch, 5, 5, 16, 0)
+        lib.stage_scatter(out["taps"], bias, out["maps"], None, None, batch, 5, 5, 16, 0)
+        lib.stage_scatter(out["taps"], bias, out["normalized"], weight, bias, batch, 5, 5, 16, 0)
         lib.stage_loss(
             taps28, bias, targets, out["loss_grad"], out["sums"], batch, 14, 14, 2,
             0.5, 1.0, targets.numel(),

@@ -43,7 +43,7 @@ _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int64
 _FLOAT = ctypes.c_float
 SIGNATURES = {
-    "stage_scatter": [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT],
+    "stage_scatter": [_POINTER] * 5 + [_INT] * 5,
     "stage_gather": [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT],
     "stage_loss": [_POINTER] * 5 + [_INT] * 4 + [_FLOAT] * 3,
     "stage_gather_positions": [_POINTER] * 3 + [_INT] * 4,

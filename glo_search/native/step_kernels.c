@@ -14,7 +14,8 @@
  * Names used below: a stage upsamples an (H, W) map x2 and applies a transposed 5x5
  * convolution, computed as a 3x3 grid of taps q per output phase r (glo_search/kernels.py).
  * Output row 2 * (h + q1) + r1 - pad receives input row h through tap q1 in phase r1;
- * the output has 2 * (H + 2) - 2 * pad rows, and likewise for columns.
+ * the output has 2 * (H + 2) - 2 * pad rows, and likewise for columns. The single-channel
+ * stages below take an even pad only, as glo_search/step.py's stages do.
  */
 
 #include <math.h>
@@ -93,10 +94,12 @@ static double float_sum(const float *restrict x, int64_t n) {
 /*
  * Channels-last stage, forward: out = bias + the taps scattered to their output pixels.
  * taps (B, H, W, 3, 3, 2, 2, C): the input map times the folded kernel.
- * out (B, Ho, Wo, C).
+ * out (B, Ho, Wo, C). With gain and shift (C) given, out then becomes
+ * max(0, out * gain + shift): batch norm with fixed statistics and ReLU, for decoding.
  */
 void stage_scatter(const float *restrict taps, const float *restrict bias, float *restrict out,
-                   int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t pad) {
+                   const float *restrict gain, const float *restrict shift, int64_t batch,
+                   int64_t height, int64_t width, int64_t channels, int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
@@ -114,6 +117,14 @@ void stage_scatter(const float *restrict taps, const float *restrict bias, float
                         add_floats(image + (y * out_w + x) * channels, src + k * channels,
                                    channels);
                     }
+                }
+            }
+        }
+        if (gain != NULL) {
+            for (int64_t j = 0; j < out_h * out_w * channels; j += channels) {
+                for (int64_t c = 0; c < channels; c++) {
+                    const float value = image[j + c] * gain[c] + shift[c];
+                    image[j + c] = value > 0.0f ? value : 0.0f;
                 }
             }
         }
@@ -216,13 +227,15 @@ void stage_loss(const float *restrict taps, const float *restrict bias,
                            width);
             }
         }
-        /* Interleave the phases: output row y is phase row (y + pad) / 2 of parity
-         * (y + pad) % 2, and likewise for columns. */
+        /* Interleave the phases: output row y is phase row (y + pad) / 2 of parity y % 2
+         * (pad is even), and likewise for columns. */
         for (int64_t y = 0; y < out_h; y++) {
-            const int64_t m1 = (y + pad) / 2, r1 = (y + pad) % 2;
-            for (int64_t x = 0; x < out_w; x++) {
-                const int64_t m2 = (x + pad) / 2, r2 = (x + pad) % 2;
-                logits[y * out_w + x] = phases[((r1 * 2 + r2) * phase_h + m1) * phase_w + m2];
+            const float *even = phases + ((y % 2 * 2) * phase_h + (y + pad) / 2) * phase_w;
+            const float *odd = even + phase_h * phase_w;
+            float *row = logits + y * out_w;
+            for (int64_t j = 0; j < out_w / 2; j++) {
+                row[2 * j] = even[pad / 2 + j];
+                row[2 * j + 1] = odd[pad / 2 + j];
             }
         }
         float *out = grad + b * pixels;
@@ -275,10 +288,12 @@ void stage_gather_positions(const float *restrict grad, float *restrict taps,
         }
         const float *image = grad + b * out_h * out_w;
         for (int64_t y = 0; y < out_h; y++) {
-            const int64_t m1 = (y + pad) / 2, r1 = (y + pad) % 2;
-            for (int64_t x = 0; x < out_w; x++) {
-                const int64_t m2 = (x + pad) / 2, r2 = (x + pad) % 2;
-                phases[((r1 * 2 + r2) * phase_h + m1) * phase_w + m2] = image[y * out_w + x];
+            float *even = phases + ((y % 2 * 2) * phase_h + (y + pad) / 2) * phase_w;
+            float *odd = even + phase_h * phase_w;
+            const float *row = image + y * out_w;
+            for (int64_t j = 0; j < out_w / 2; j++) {
+                even[pad / 2 + j] = row[2 * j];
+                odd[pad / 2 + j] = row[2 * j + 1];
             }
         }
         partial[b] = float_sum(image, out_h * out_w);
