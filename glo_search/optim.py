@@ -12,6 +12,7 @@ and state dicts are those of torch.optim's classes, and checkpoints load into ei
 NOTE: the wrapped functions are found through the ``__wrapped__`` attribute that
 functools.wraps sets, checked with torch 2.14 only. Where a torch release drops it, a
 method here falls back to the wrapped one, which works but imports torch._dynamo again.
+The tests compare the updates with torch.optim's on CPU only, not on CUDA.
 """
 
 from __future__ import annotations

@@ -131,8 +131,8 @@ def encode_image(image: torch.Tensor) -> Summary.Image:
 
     The pixels are those of SummaryWriter.add_image (scaled by 255 and truncated). That
     method also copies a grey image into three channels and resamples it to its own size
-    before encoding, which made the five probe images of an epoch take 10.6 ms to encode
-    instead of 6.8 ms (one core of a 2-core AMD EPYC VM, busy with other work).
+    before encoding. Encoding the five probe images of an epoch took it 10.6 ms, against
+    6.8 ms here (one core of a 2-core AMD EPYC VM, busy with other work).
     """
     pixels = (image[0].numpy().astype(np.float32) * 255).clip(0, 255).astype(np.uint8)
     output = io.BytesIO()
