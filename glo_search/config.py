@@ -97,6 +97,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def config_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop the underscore-prefixed parameters that only steer a define-by-run space."""
+    return {k: v for k, v in params.items() if not k.startswith("_")}
+
+
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build a config, rejecting unknown keys and values of the wrong type."""
     unknown = sorted(set(values) - set(FIELDS))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from glo_search.losses import recon_error as recon_error_fn
+from glo_search.optim import LBFGS
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ def fit_logistic_regression(
     onehot = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)  # (n, classes)
     mask = torch.ones_like(weights)
     mask[-1] = 0.0  # the intercept is not penalized
-    optimizer = torch.optim.LBFGS(
+    optimizer = LBFGS(
         [weights],
         max_iter=500,
         tolerance_grad=1e-5,

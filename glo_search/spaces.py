@@ -22,7 +22,7 @@ from optuna.distributions import (
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 import search_spaces
-from glo_search.config import FIELDS, ConfigError, TrainConfig
+from glo_search.config import FIELDS, ConfigError, TrainConfig, config_keys
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,6 @@ def resolve(space: str | dict | Callable, base: TrainConfig) -> ResolvedSpace:
     for key, value in space.items():
         _check_values(name, base, key, _ray_candidates(value))
     return ResolvedSpace(name, "ray", space, frozenset(space))
-
-
-def config_keys(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop the underscore-prefixed parameters that only steer a define-by-run space."""
-    return {k: v for k, v in params.items() if not k.startswith("_")}
 
 
 def _check_keys(name: str, keys: Iterable[str]) -> None:

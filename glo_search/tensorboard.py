@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -111,9 +116,28 @@ class TrainingLog:
                 dataset.images, dataset.labels, self.config.seed, num_classes=dataset.num_classes
             )
         for name, image in probes.probe_images(trainer, self.probe_set).items():
+            encoded = encode_image(image)  # once for every prefix
             for tag_prefix in prefixes:
-                self.writer.add_image(f"{tag_prefix}/{name}", image, epoch, dataformats="CHW")
+                value = Summary.Value(tag=f"{tag_prefix}/{name}", image=encoded)
+                self.writer.file_writer.add_summary(Summary(value=[value]), epoch)
 
     def close(self) -> None:
         self.writer.file_writer.add_summary(self._session_end)
         self.writer.close()
+
+
+def encode_image(image: torch.Tensor) -> Summary.Image:
+    """Encode a (1, H, W) image in [0, 1] as TensorBoard's image record: an 8-bit grey PNG.
+
+    The pixels are those of SummaryWriter.add_image (scaled by 255 and truncated). That
+    method also copies a grey image into three channels and resamples it to its own size
+    before encoding. Encoding the five probe images of an epoch took it 10.6 ms, against
+    6.8 ms here (one core of a 2-core AMD EPYC VM, busy with other work).
+    """
+    pixels = (image[0].numpy().astype(np.float32) * 255).clip(0, 255).astype(np.uint8)
+    output = io.BytesIO()
+    Image.fromarray(pixels).save(output, format="PNG")
+    height, width = pixels.shape
+    return Summary.Image(
+        height=height, width=width, colorspace=1, encoded_image_string=output.getvalue()
+    )

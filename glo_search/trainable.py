@@ -27,10 +27,11 @@ import ray
 import torch
 from ray import tune
 
-from glo_search.config import TrainConfig, from_dict
+# config_keys comes from glo_search.config, not glo_search.spaces, so that a Ray worker
+# does not import Optuna.
+from glo_search.config import TrainConfig, config_keys, from_dict
 from glo_search.data import Dataset, load_dataset
 from glo_search.metrics import METRICS
-from glo_search.spaces import config_keys
 from glo_search.tensorboard import TrainingLog
 from glo_search.trainer import CHECKPOINT_FILE, Trainer, evaluation_due, read_checkpoint
 

@@ -17,6 +17,7 @@ from glo_search.data import Dataset
 from glo_search.io import atomic_write_bytes
 from glo_search.losses import build_loss
 from glo_search.model import GloGenerator, LatentCodes, build_generator
+from glo_search.optim import Adam
 from glo_search.step import FusedAdamSteps, GloStep, decode, supported
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class Trainer:
         ).to(self.device)
         # The fused kernel updates every parameter in one call. As with the per-tensor Adam,
         # the content-code table gets a dense gradient every step, zero outside the batch.
-        self.optimizer = torch.optim.Adam(
+        # glo_search.optim.Adam is torch.optim.Adam without the import of torch._dynamo.
+        self.optimizer = Adam(
             [
                 {"params": self.generator.parameters(), "lr": config.lr_generator},
                 {"params": self.codes.parameters(), "lr": config.lr_latent},

@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from optuna.distributions import FloatDistribution
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard import summary
 
 from glo_search import cli
 from glo_search.config import ConfigError, TrainConfig
 from glo_search.metrics import METRICS
 from glo_search.probes import CRITERIA
-from glo_search.tensorboard import TrainingLog
+from glo_search.tensorboard import TrainingLog, encode_image
 from glo_search.trainer import Trainer
 
 NUM_IMAGES = 200
@@ -210,3 +212,16 @@ def test_sweep_trials_show_same_probes(sweep_trials):
     # Columns 0-55 are the class and content images; 56-83 the trial's own output.
     np.testing.assert_array_equal(first[:, :56], second[:, :56])
     assert not np.array_equal(first[:, 56:], second[:, 56:])
+
+
+def test_encode_image_keeps_add_image_pixels():
+    image = torch.rand(1, 30, 20, generator=torch.Generator().manual_seed(0))
+    image[0, 0, :3] = torch.tensor([0.0, 1.0, 0.999])  # both ends and a truncated value
+    record = encode_image(image)
+    pixels = decode(record)
+    # SummaryWriter.add_image's record of the same image, which is RGB.
+    reference = decode(summary.image("x", image, dataformats="CHW").value[0].image)
+    assert (record.height, record.width, record.colorspace) == (30, 20, 1)
+    assert pixels.shape == (30, 20)
+    np.testing.assert_array_equal(pixels, reference[..., 0])
+    assert pixels[0, :3].tolist() == [0, 255, 254]
