@@ -8,6 +8,7 @@ import torch
 
 from glo_search import native
 from glo_search.config import TrainConfig
+from glo_search.data import load_shipped
 from glo_search.model import GloGenerator, LatentCodes
 from glo_search.step import GloStep, decode
 from glo_search.trainer import Trainer
@@ -206,3 +207,22 @@ def test_native_decode_matches_the_generator_in_float64():
     got = decode(generator, class_code.float(), content_code.float())
     assert got.shape == expected.shape == (40, 1, 28, 28)
     _assert_near(got, expected, "decoded images")
+
+
+def test_classifier_predictions_equal_the_module_path():
+    from glo_search import classifier
+
+    model = classifier.build(classifier.load_state())
+    images, _ = load_shipped()
+    images = torch.cat([images[:600], torch.rand(200, 1, 28, 28)])
+    with torch.inference_mode():
+        expected = model(images.contiguous(memory_format=torch.channels_last)).argmax(1)
+        first_layer = model.features[2](model.features[1](model.features[0](images[:50])))
+    assert classifier._native_forward(model, images) is not None
+    assert torch.equal(classifier.predict(model, images), expected)
+    pooled = torch.empty(50, 13, 13, 32)
+    weight = model.features[0].weight.reshape(32, 9).t().contiguous()
+    native.kernels().conv_pool_relu(
+        images[:50].contiguous(), weight, model.features[0].bias, pooled, 50, 28, 28, 13, 13
+    )
+    _assert_near(pooled.permute(0, 3, 1, 2), first_layer.double(), "first layer")

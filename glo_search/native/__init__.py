@@ -49,6 +49,7 @@ SIGNATURES = {
     "stage_gather_positions": [_POINTER] * 3 + [_INT] * 4,
     "norm_relu_forward": [_POINTER] * 8 + [_INT] * 3 + [_FLOAT] * 2,
     "norm_relu_backward": [_POINTER] * 9 + [_INT] * 3,
+    "conv_pool_relu": [_POINTER] * 4 + [_INT] * 5,
 }
 
 

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define TAPS 3
 #define TAP_PHASES (TAPS * TAPS * 4) /* (q1, q2, r1, r2) */
@@ -430,6 +431,69 @@ void norm_relu_backward(const float *restrict grad_active, const float *restrict
                 for (int64_t c = 0; c < channels; c++) {
                     const float g = grad_x[j + c];
                     grad_x[j + c] = scale[c] * (g - offset[c] - (x[j + c] - mean[c]) * slope[c]);
+                }
+            }
+        }
+    }
+}
+
+/*
+ * The reference classifier's first layer: a 3x3 convolution from one channel to 32, a
+ * 2x2 max-pool and ReLU, in one pass that keeps the full-size maps out of memory.
+ * images (B, H, W), weight (9, 32) [tap][channel], bias (32) -> out (B, Hp, Wp, 32): the
+ * first Hp rows and Wp columns of the pooled maps, at most (H - 2) / 2 and (W - 2) / 2.
+ */
+#define FIRST_CHANNELS 32
+typedef float lanes8 __attribute__((vector_size(32))); /* 8 floats: AVX, or two SSE */
+
+static inline lanes8 load8(const float *p) {
+    lanes8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+void conv_pool_relu(const float *restrict images, const float *restrict weight,
+                    const float *restrict bias, float *restrict out, int64_t batch,
+                    int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
+    enum { GROUPS = FIRST_CHANNELS / 8 };
+    lanes8 w[9][GROUPS], b0[GROUPS];
+    for (int g = 0; g < GROUPS; g++) {
+        b0[g] = load8(bias + 8 * g);
+        for (int t = 0; t < 9; t++) {
+            w[t][g] = load8(weight + t * FIRST_CHANNELS + 8 * g);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        const float *image = images + b * height * width;
+        for (int64_t py = 0; py < pooled_h; py++) {
+            for (int64_t px = 0; px < pooled_w; px++) {
+                /* the 4x4 input patch under the 2x2 pooled window's four 3x3 windows */
+                float patch[16];
+                for (int i = 0; i < 16; i++) {
+                    patch[i] = image[(2 * py + i / 4) * width + 2 * px + i % 4];
+                }
+                float best[FIRST_CHANNELS];
+                for (int d = 0; d < 4; d++) {
+                    lanes8 sum[GROUPS];
+                    for (int g = 0; g < GROUPS; g++) {
+                        sum[g] = b0[g];
+                    }
+                    for (int t = 0; t < 9; t++) {
+                        const float pixel = patch[(d / 2 + t / 3) * 4 + d % 2 + t % 3];
+                        for (int g = 0; g < GROUPS; g++) {
+                            sum[g] += pixel * w[t][g];
+                        }
+                    }
+                    float values[FIRST_CHANNELS];
+                    memcpy(values, sum, sizeof values);
+                    for (int c = 0; c < FIRST_CHANNELS; c++) {
+                        best[c] = d == 0 || values[c] > best[c] ? values[c] : best[c];
+                    }
+                }
+                float *dst = out + ((b * pooled_h + py) * pooled_w + px) * FIRST_CHANNELS;
+                for (int c = 0; c < FIRST_CHANNELS; c++) {
+                    dst[c] = best[c] > 0.0f ? best[c] : 0.0f;
                 }
             }
         }
