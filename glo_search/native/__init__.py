@@ -1,4 +1,5 @@
-"""C kernels for the hand-written training step, compiled on first use.
+"""C kernels for the hand-written training step, decoding and the digit classifier's
+first layer, compiled on first use.
 
 :func:`kernels` compiles ``step_kernels.c`` with the machine's C compiler into the cache
 folder (``$GLO_SEARCH_CACHE/native``, else ``~/.cache/glo-search/native``) and loads it

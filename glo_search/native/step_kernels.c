@@ -1,5 +1,6 @@
 /*
- * Element-wise parts of the hand-written training step (glo_search/step.py), in C.
+ * Element-wise parts of the hand-written training step (glo_search/step.py), in C, and
+ * the digit classifier's first layer (glo_search/classifier.py).
  *
  * At a batch of 32 the step's matrix products are left to PyTorch, and what remains is
  * dozens of small tensor operations: shifted sums, interleaving, batch norm, the loss.
