@@ -225,7 +225,7 @@ def pair(args) -> dict:
     """Two processes on two cores, one torch thread each, as a sweep runs two trials.
 
     Each round both processes train the plain loop for --epochs epochs at the same time,
-    then both train the trainer; the figure is images per second of the two together.
+    then both train the trainer. The figure is images per second of the two together.
     With --cpu-time each process times itself by its own CPU seconds.
     """
     import multiprocessing
@@ -233,10 +233,10 @@ def pair(args) -> dict:
     context = multiprocessing.get_context("spawn")
     connections, workers = [], []
     for _ in range(2):
-        here, there = context.Pipe()
-        worker = context.Process(target=_pair_worker, args=(there, args.cpu_time))
+        parent_end, child_end = context.Pipe()
+        worker = context.Process(target=_pair_worker, args=(child_end, args.cpu_time))
         worker.start()
-        connections.append(here)
+        connections.append(parent_end)
         workers.append(worker)
     for connection in connections:
         connection.recv()
