@@ -142,8 +142,14 @@ class GloStep:
         grad28 = taps.new_empty(batch, 28, 28)  # d(loss)/d(logits)
         sums = torch.empty(2, dtype=torch.float64)
         pixels = grad28.numel()
+        if images.numel() != pixels:
+            raise ValueError(
+                f"images of shape {tuple(images.shape)} do not match a batch of {batch} "
+                "28x28 images"
+            )
+        targets = images.to(torch.float32).contiguous()  # what the kernel reads
         lib.stage_loss(
-            *(taps28, conv28.bias, images.contiguous(), grad28, sums),
+            *(taps28, conv28.bias, targets, grad28, sums),
             *(batch, 14, 14, 2),
             self.sign_weight,
             self.linear_weight,

@@ -2,6 +2,11 @@
 
 import copy
 import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,14 +152,146 @@ def test_build_lands_in_the_cache_and_is_reused(fresh_build, caplog):
     assert native.kernels() is not None
     assert "compiling" not in caplog.text
     assert builds[0].stat().st_mtime_ns == built_at
-    assert list((fresh_build / "native").iterdir()) == builds  # no temporary files left
+    files = sorted(path.name for path in (fresh_build / "native").iterdir())
+    assert files == sorted([builds[0].name, builds[0].with_suffix(".sha256").name])
+    assert builds[0].stat().st_mode & 0o777 == 0o755  # other users of the cache can load it
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """Write a new file in place of path: this process keeps the old one mapped, and
+    truncating a mapped library in place would crash it."""
+    temporary = path.with_name("replacement")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
+
+
+def test_truncated_library_is_rebuilt(fresh_build, caplog):
+    caplog.set_level(logging.INFO, logger="glo_search.native")
+    assert native.kernels() is not None
+    (library,) = (fresh_build / "native").glob("*.so")
+    _replace(library, library.read_bytes()[:20000])  # loading this would raise SIGBUS
+    native.kernels.cache_clear()
+    caplog.clear()
+
+    assert native.kernels() is not None
+    assert "compiling" in caplog.text
+
+
+def _kernels_in_new_process(cache: Path) -> subprocess.CompletedProcess:
+    """Call kernels() in a new Python process, which has no library loaded yet."""
+    code = "from glo_search import native; print(native.kernels() is not None)"
+    environment = {**os.environ, "GLO_SEARCH_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment
+    )
+
+
+def test_truncated_library_in_a_new_process_is_rebuilt(fresh_build):
+    assert native.kernels() is not None
+    (library,) = (fresh_build / "native").glob("*.so")
+    _replace(library, library.read_bytes()[:20000])
+
+    result = _kernels_in_new_process(fresh_build)
+    assert result.returncode == 0, result.stderr  # not killed by SIGBUS
+    assert result.stdout.strip() == "True"
+
+
+@pytest.mark.skipif(
+    not Path("/lib/x86_64-linux-gnu/libm.so.6").exists(), reason="needs Debian's x86-64 libm"
+)
+def test_library_without_the_functions_falls_back(fresh_build):
+    assert native.kernels() is not None
+    (library,) = (fresh_build / "native").glob("*.so")
+    _replace(library, Path("/lib/x86_64-linux-gnu/libm.so.6").read_bytes())
+    library.with_suffix(".sha256").write_text(native._sha256(library))
+
+    result = _kernels_in_new_process(fresh_build)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert "could not load the C kernels" in result.stderr
+    assert "delete it to rebuild" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [('gcc "', "invalid CC value"), ("true", "no output file was written")],
+)
+def test_bad_compiler_values_fall_back(fresh_build, monkeypatch, caplog, value, message):
+    monkeypatch.setenv("CC", value)
+    assert native.kernels() is None
+    assert message in caplog.text
+    assert not list((fresh_build / "native").glob("*.so"))
+
+
+def test_failed_build_is_not_retried(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")
+    assert native.kernels() is None
+    native.kernels.cache_clear()
+    caplog.clear()
+
+    assert native.kernels() is None
+    assert "failed before" in caplog.text
+    (failure,) = (fresh_build / "native").glob("*.failed")
+    assert f"delete {failure} to try again" in caplog.text
+
+
+def test_compiler_timeout_stops_its_children(fresh_build, monkeypatch, caplog):
+    script = fresh_build / "slow-cc"
+    marker = fresh_build / "child.pid"
+    script.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > {marker}\nwait\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 1)
+
+    assert native.kernels() is None
+    assert "took over 1 s" in caplog.text
+    child = int(marker.read_text())
+    time.sleep(0.2)
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    )
+
+
+def test_stale_private_builds_are_removed(fresh_build):
+    folder = fresh_build / "native"
+    folder.mkdir()
+    stale, recent = folder / "building-old.so", folder / "building-new.so"
+    stale.write_bytes(b"")
+    recent.write_bytes(b"")
+    old = time.time() - native.STALE_BUILD_S - 10
+    os.utime(stale, (old, old))
+
+    assert native.kernels() is not None
+    assert not stale.exists()
+    assert recent.exists()  # perhaps another process's build in progress
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
+def test_switch_values_turn_the_kernels_off(fresh_build, monkeypatch, value):
+    monkeypatch.setenv(native.ENV_SWITCH, value)
+    assert native.kernels() is None
+
+
+def test_native_step_takes_images_of_other_dtypes():
+    generator, codes = _model()
+    step = GloStep(generator, codes, "l1+l2")
+    indices, labels = torch.arange(8), torch.arange(8) % 10
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        losses.append(step(indices, labels, images.to(dtype), None, 0.0).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert losses[2] == pytest.approx(losses[0], rel=1e-3)
+    with pytest.raises(ValueError, match="do not match a batch of 8"):
+        step(indices, labels, images[:4], None, 0.0)
 
 
 def test_failed_build_falls_back_with_warning(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     assert native.kernels() is None
-    assert "could not build the training step's C kernels" in caplog.text
-    assert "runs in PyTorch" in caplog.text
+    assert "could not build the C kernels" in caplog.text
+    assert "run in PyTorch operations instead" in caplog.text
     assert not list((fresh_build / "native").glob("*.so"))
 
     generator, codes = _model()
@@ -166,11 +303,6 @@ def test_missing_compiler_falls_back_with_a_warning(fresh_build, monkeypatch, ca
     monkeypatch.setenv("PATH", str(fresh_build))  # no cc or gcc here
     assert native.kernels() is None
     assert "no C compiler found" in caplog.text
-
-
-def test_switch_turns_the_kernels_off(fresh_build, monkeypatch):
-    monkeypatch.setenv(native.ENV_SWITCH, "0")
-    assert native.kernels() is None
 
 
 def test_trainers_with_and_without_kernels_learn_alike(small_dataset):

@@ -3,16 +3,18 @@ first layer, compiled on first use.
 
 :func:`kernels` compiles ``step_kernels.c`` with the machine's C compiler into the cache
 folder (``$GLO_SEARCH_CACHE/native``, else ``~/.cache/glo-search/native``) and loads it
-with ctypes. The library's name carries a hash of the source, the compiler command and
-the CPU's instruction-set flags, so a changed file, compiler or CPU (a cluster node of
-another kind sharing the home folder) gets its own build. Building takes about a second
-and happens once per machine. Concurrent builds (trials starting at once) each write a
-private file and then rename it into place.
+with ctypes. The library's name carries a hash of the source, the compiler (its command,
+and its program's size and time), the flags and the CPU's instruction-set flags, so a
+changed file, compiler or CPU (a cluster node of another kind sharing the home folder)
+gets its own build. Building takes about a second and happens once per machine.
+Concurrent builds (trials starting at once) each write a private file and then rename
+it into place, and a checksum written after the rename guards against loading a
+truncated or overwritten file.
 
 Without a working compiler, or with ``GLO_SEARCH_NATIVE=0``, :func:`kernels` returns
-None and the step keeps its PyTorch form, which gives the same results to float
-rounding and is slower. The reason is logged once.
-"""
+None and the same computations run in PyTorch operations, more slowly. Their results
+differ from the kernels' by float rounding, which training amplifies over epochs about as
+much as changing the number of threads does. The reason is logged once per process."""
 
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +42,10 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c1
 # With OpenMP the kernels split their work over PyTorch's threads: PyTorch's libgomp is
 # loaded first, so the library shares its pool. Without OpenMP they run on one thread.
 OPENMP = "-fopenmp"
-ENV_SWITCH = "GLO_SEARCH_NATIVE"  # "0" turns the C kernels off
+ENV_SWITCH = "GLO_SEARCH_NATIVE"  # one of OFF_VALUES turns the C kernels off
+OFF_VALUES = ("0", "false", "no", "off")
+BUILD_TIMEOUT_S = 120
+STALE_BUILD_S = 3600  # age after which a private build file is taken as left by a killed build
 
 _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int64
@@ -71,36 +78,109 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def library_path(compiler: str) -> Path:
+def _compiler_identity(command: list[str]) -> str:
+    """Return the compiler command with its program's size and modification time, so that
+    an upgraded compiler gets a build of its own."""
+    program = shutil.which(command[0]) if command else None
+    try:
+        status = os.stat(program) if program else None
+    except OSError:
+        status = None
+    stamp = f"{status.st_size}:{status.st_mtime_ns}" if status else "unknown"
+    return " ".join(command) + " " + stamp
+
+
+def library_path(command: list[str]) -> Path:
     """Return the path of the build for this source, compiler, flags and CPU."""
     from glo_search.classifier import cache_dir
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()):
-        key.update(part)
-    key.update(_cpu_flags().encode())
+    for part in (SOURCE.read_bytes(), _compiler_identity(command), " ".join(FLAGS), _cpu_flags()):
+        key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / "native" / f"step_kernels-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _checksum_path(target: Path) -> Path:
+    return target.with_suffix(".sha256")
+
+
+def _failure_path(target: Path) -> Path:
+    return target.with_suffix(".failed")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """Return whether target exists with the checksum written after its build.
+
+    A truncated or overwritten library fails the check, so it is rebuilt instead of
+    loaded: loading a truncated one kills the process with SIGBUS.
+    """
+    try:
+        return _checksum_path(target).read_text().strip() == _sha256(target)
+    except OSError:
+        return False
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Delete private build files that a killed build left, once they are an hour old."""
+    cutoff = time.time() - STALE_BUILD_S
+    for path in folder.glob("building-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def _run_compiler(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a compiler command in its own process group, and kill the whole group on a
+    timeout, so that no cc1 or as outlives it."""
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise OSError(
+                f"{shlex.join(command[:1])} took over {BUILD_TIMEOUT_S} s and was stopped"
+            ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _build(command: list[str], target: Path) -> None:
+    """Compile the kernels into target and write its checksum next to it."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target.parent)
     handle, private = tempfile.mkstemp(prefix="building-", suffix=".so", dir=target.parent)
     os.close(handle)
     portable = [flag for flag in FLAGS if flag != "-march=native"]
     try:
         # The first flag set that compiles wins: OpenMP, then one thread, then no -march.
         for flags in ([*FLAGS, OPENMP], FLAGS, portable):
-            result = subprocess.run(
-                [*shlex.split(compiler), *flags, str(SOURCE), "-o", private, "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if result.returncode == 0:
+            os.truncate(private, 0)
+            result = _run_compiler([*command, *flags, str(SOURCE), "-o", private, "-lm"])
+            if result.returncode == 0 and os.path.getsize(private) > 0:
                 break
         else:
-            raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()}")
+            detail = result.stderr.strip() or "no output file was written"
+            raise OSError(f"{shlex.join(command)} exited with {result.returncode}: {detail}")
+        os.chmod(private, 0o755)  # readable by every user of a shared cache folder
+        checksum = _sha256(Path(private))
         os.replace(private, target)
+        checksum_file = _checksum_path(target)
+        temporary = checksum_file.with_name(f"building-{os.getpid()}-{checksum_file.name}")
+        temporary.write_text(checksum + "\n")
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, checksum_file)
     finally:
         if os.path.exists(private):
             os.unlink(private)
@@ -128,30 +208,58 @@ def _taking_tensors(function: Callable) -> Callable:
     return call
 
 
+def _fall_back(reason: str) -> None:
+    logger.warning(
+        "%s; training, decoding and the digit classifier run in PyTorch operations instead "
+        "(training about 1.3x slower)",
+        reason,
+    )
+
+
 @functools.cache
 def kernels() -> Kernels | None:
-    """Return the loaded C kernels, building them first if needed; None if unavailable."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        logger.info("C kernels turned off by %s=0; the step runs in PyTorch", ENV_SWITCH)
+    """Return the loaded C kernels, building them first if needed; None if unavailable.
+
+    A build that failed is recorded next to the library's path, so that later processes
+    (each Ray worker of a sweep) fall back at once instead of trying again. Deleting that
+    ``.failed`` file, or changing $CC, tries again.
+    """
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in OFF_VALUES:
+        logger.info("C kernels turned off by %s; PyTorch operations run instead", ENV_SWITCH)
         return None
     compiler = _compiler()
     if compiler is None:
-        logger.warning(
-            "no C compiler found (set CC or install gcc); the training step runs in "
-            "PyTorch, about 1.3x slower"
-        )
+        _fall_back("no C compiler found (install gcc or set CC)")
         return None
-    target = library_path(compiler)
     try:
-        if not target.exists():
-            logger.info("compiling the training step's C kernels into %s", target)
-            _build(compiler, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        logger.warning(
-            "could not build the training step's C kernels (%s); the step runs in "
-            "PyTorch, about 1.3x slower",
-            error,
+        command = shlex.split(compiler)
+    except ValueError as error:
+        _fall_back(f"invalid CC value {compiler!r} ({error})")
+        return None
+    if not command:
+        _fall_back("CC is set but empty")
+        return None
+    target = library_path(command)
+    failure = _failure_path(target)
+    if failure.exists():
+        _fall_back(
+            f"building the C kernels failed before ({failure.read_text().strip()}); "
+            f"delete {failure} to try again"
         )
         return None
-    return Kernels(library)
+    try:
+        if not _verified(target):
+            logger.info("compiling the C kernels into %s", target)
+            _build(command, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        try:
+            failure.write_text(f"{error}\n")
+        except OSError:
+            pass
+        _fall_back(f"could not build the C kernels ({error})")
+        return None
+    try:
+        return Kernels(ctypes.CDLL(str(target)))
+    except (OSError, AttributeError) as error:
+        _fall_back(f"could not load the C kernels from {target} ({error}); delete it to rebuild")
+        return None
