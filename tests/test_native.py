@@ -186,7 +186,7 @@ def _kernels_in_new_process(cache: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_truncated_library_in_a_new_process_is_rebuilt(fresh_build):
+def test_truncated_library_new_process_rebuilds(fresh_build):
     assert native.kernels() is not None
     (library,) = (fresh_build / "native").glob("*.so")
     _replace(library, library.read_bytes()[:20000])

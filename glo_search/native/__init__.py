@@ -4,9 +4,9 @@ first layer, compiled on first use.
 :func:`kernels` compiles ``step_kernels.c`` with the machine's C compiler into the cache
 folder (``$GLO_SEARCH_CACHE/native``, else ``~/.cache/glo-search/native``) and loads it
 with ctypes. The library's name carries a hash of the source, the compiler (its command,
-and its program's size and time), the flags and the CPU's instruction-set flags, so a
+and its program's size and time), the flags and the CPU's instruction-set flags. A
 changed file, compiler or CPU (a cluster node of another kind sharing the home folder)
-gets its own build. Building takes about a second and happens once per machine.
+therefore gets its own build. Building takes about a second and happens once per machine.
 Concurrent builds (trials starting at once) each write a private file and then rename
 it into place, and a checksum written after the rename guards against loading a
 truncated or overwritten file.
