@@ -41,7 +41,10 @@ def _sweep_command(storage) -> list[str]:
         str(BIN / "glo-search"), "sweep", "--space", "report", "--storage", str(storage),
         "--name", "exp", "--num-samples", str(NUM_SAMPLES), "--max-epochs", str(MAX_EPOCHS),
         "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
-        "--num-images", "100", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
+        # 1,000 images make each epoch last about 0.2 s, so that a trial runs with
+        # reported results for a second or more: with 100 images the whole sweep ended
+        # before the test caught that state.
+        "--num-images", "1000", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
         "--eval-every", "1",
         # A new worker per trial slows the trials, so the tests can catch the sweep
         # between two trials. With reused workers all 6 can end before the first check.
@@ -108,7 +111,9 @@ def test_resume_after_sigkill(tmp_path):
                 return None
             return {trial_id for trial_id, _ in _unflushed_epochs(folder)} - done
 
-        wait_for(ended, 400, "a finished trial and unflushed results of a running one")
+        wait_for(
+            ended, 400, "a finished trial and unflushed results of a running one", interval_s=0.1
+        )
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
