@@ -41,9 +41,9 @@ def _sweep_command(storage) -> list[str]:
         str(BIN / "glo-search"), "sweep", "--space", "report", "--storage", str(storage),
         "--name", "exp", "--num-samples", str(NUM_SAMPLES), "--max-epochs", str(MAX_EPOCHS),
         "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
-        # 1,000 images make each epoch last about 0.2 s, so that a trial runs with
-        # reported results for a second or more: with 100 images the whole sweep ended
-        # before the test caught that state.
+        # With 1,000 images a trial runs with reported results for about a second (an
+        # estimate), long enough for the test to catch that state. With 100 images the
+        # whole sweep ended first.
         "--num-images", "1000", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
         "--eval-every", "1",
         # A new worker per trial slows the trials, so the tests can catch the sweep
