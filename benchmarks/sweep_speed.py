@@ -9,7 +9,9 @@ experiment folders under --storage (default: a temporary folder, deleted at the 
 
 overhead: 8 trials of the `default` space, each trained for 20 epochs (Tune's FIFO
 scheduler), then the same with ASHA, 2 trials at once with 1 CPU each. The timer runs
-from the sweep() call, with Ray already running. Two slots x wall time splits into the
+from the sweep() call, with Ray already running. A variant ending in -warm first asks
+Ray for 2 worker processes (glo_search.warm.warm_workers), imports Optuna's storage
+modules and waits 10 s, as a sweep does that follows another in a study. Two slots x wall time splits into the
 seconds trials spent in train_epoch (training), in evaluate (metrics), and the rest.
 Each trial reports its own seconds in train_epoch, evaluate and the other parts with
 every result (glo_search.trainable.TIMERS). A Tune callback in the driver records when
@@ -47,7 +49,14 @@ from optuna.distributions import CategoricalDistribution
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from glo_search.search import ensure_ray, make_scheduler, sweep
+from glo_search.search import (
+    _start_study_imports,
+    configure_tune_environment,
+    ensure_ray,
+    make_scheduler,
+    sweep,
+)
+from glo_search.warm import warm_workers
 
 SEARCH_SPACE = {
     "class_dim": [5, 15, 50],
@@ -56,6 +65,7 @@ SEARCH_SPACE = {
     "content_decay": [0.0, 0.1],
 }  # 3 x 2 x 4 x 2 = 48 configurations, a subset of the `report` space's choices
 METRIC = "disentanglement"
+WARM_WAIT_S = 10.0  # seconds between asking for warm workers and the sweep call
 FRACTIONS = (1.0, 0.95)  # targets: the grid's best, and 95% of it
 
 
@@ -66,11 +76,13 @@ def main() -> int:
     parser.add_argument("--storage", type=Path, default=None, help="keep experiments here")
     parser.add_argument(
         "--variants",
-        default="fifo,fifo-e20,asha",
-        help="overhead: comma-separated sweeps to run, each SCHEDULER[-eN][-new]: fifo "
-        "(every trial to the last epoch) or asha, -eN for eval_every N (default: the "
+        default="fifo,fifo-e20,asha,fifo-warm,fifo-e20-warm,asha-warm",
+        help="overhead: comma-separated sweeps to run, each SCHEDULER[-eN][-new][-warm]: "
+        "fifo (every trial to the last epoch) or asha, -eN for eval_every N (default: the "
         "sweep's, every epoch with fifo, the rungs and the last epoch with asha), -new for "
-        "a new Ray worker per trial instead of reused workers (default: fifo,fifo-e20,asha)",
+        "a new Ray worker per trial instead of reused workers, -warm for Ray workers "
+        "started 10 s before the sweep call (default: each of fifo, fifo-e20 and asha, "
+        "cold and warm)",
     )
     parser.add_argument(
         "--trials", type=int, default=8, help="overhead: trials per sweep (default: 8)"
@@ -160,18 +172,21 @@ class Timeline(tune.Callback):
 
 
 def parse_variant(variant: str) -> dict:
-    """Read a variant name: SCHEDULER[-eN][-new], e.g. fifo, asha-e5, fifo-new.
+    """Read a variant name: SCHEDULER[-eN][-new][-warm], e.g. fifo, asha-e5, fifo-new.
 
     Without -eN the sweep's own default applies (glo_search.search.default_eval_every):
-    metrics every epoch with FIFO, at the rungs and the last epoch with ASHA.
+    metrics every epoch with FIFO, at the rungs and the last epoch with ASHA. With -warm,
+    warm_up() runs before the timer starts.
     """
     parts = variant.split("-")
     if parts[0] not in ("fifo", "asha"):
         raise SystemExit(f"invalid variant {variant!r}: must start with fifo or asha")
-    settings = {"scheduler": parts[0], "eval_every": None, "reuse": True}
+    settings = {"scheduler": parts[0], "eval_every": None, "reuse": True, "warm": False}
     for part in parts[1:]:
         if part == "new":
             settings["reuse"] = False
+        elif part == "warm":
+            settings["warm"] = True
         elif part.startswith("e") and part[1:].isdigit():
             settings["eval_every"] = int(part[1:])
         else:
@@ -187,6 +202,8 @@ def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> di
         # FIFO runs every trial to max_epochs; ASHA (grace period 2, reduction factor 3,
         # the sweep's defaults) stops some early.
         scheduler = make_scheduler("fifo", epochs) if settings["scheduler"] == "fifo" else None
+        if settings["warm"]:
+            warm_up()
         timeline = Timeline()
         sweep(
             "default",
@@ -208,6 +225,19 @@ def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> di
         figures[variant] = _overhead_figures(timeline, wall)
     _print_overhead(figures)
     return figures
+
+
+def warm_up(wait_s: float = WARM_WAIT_S) -> None:
+    """Start 2 Ray workers for the next sweep and import Optuna's storage modules, then wait.
+
+    The workers import torch and the trainer at start when Ray was started by glo-search
+    (glo_search.warm), which takes 3-5 s on 2 cores.
+    """
+    configure_tune_environment()  # the workers take Tune's runtime environment of now
+    if warm_workers(2) != 2:
+        raise SystemExit("warm variant: Ray did not start warm workers (see glo_search.warm)")
+    _start_study_imports().join()
+    time.sleep(wait_s)
 
 
 def _overhead_figures(timeline: Timeline, wall: float) -> dict:

@@ -49,6 +49,7 @@ from glo_search.searcher import (
 from glo_search.spaces import ResolvedSpace, resolve
 from glo_search.storage import ExperimentLocation, locate
 from glo_search.trainable import train_glo
+from glo_search.warm import preload_system_config
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +275,8 @@ def ray_init_options(
         "include_dashboard": False,
         "logging_level": logging.WARNING,
     }
+    if not address:
+        options["_system_config"] = preload_system_config()
     if dashboard_host is None:
         return options
     if address:
@@ -706,6 +709,19 @@ def _check_local_fit(cpus: float, gpus: float) -> None:
                 f"{available_gpus:g} CUDA GPUs, so no trial could start; lower it or pass "
                 "--address"
             )
+
+
+def local_trial_slots(
+    cpus: float, gpus: float, num_samples: int, max_concurrent: int | None
+) -> int:
+    """Return how many trials can run at once on the running Ray instance's resources."""
+    resources = ray.cluster_resources()
+    slots = min(num_samples, math.floor(resources.get("CPU", 0) / cpus))
+    if gpus > 0:
+        slots = min(slots, math.floor(resources.get("GPU", 0) / gpus))
+    if max_concurrent is not None:
+        slots = min(slots, max_concurrent)
+    return slots
 
 
 def _check_name(name: str) -> None:

@@ -115,6 +115,18 @@ def run_experiment(experiment: Experiment, plan: Plan, out: Path) -> Path:
     return folder
 
 
+def _warm_next(experiment: Experiment, plan: Plan, out: Path) -> None:
+    """Start Ray workers for the next experiment's trials, one CPU each as its sweep asks."""
+    import ray
+
+    from glo_search.search import local_trial_slots
+    from glo_search.warm import warm_workers
+
+    trials = len(experiment.values) * len(plan.seeds)
+    if ray.is_initialized() and _finished_trials(out / experiment.name) < trials:
+        warm_workers(local_trial_slots(1, 0, trials, None))
+
+
 def _finished_trials(folder: Path) -> int:
     path = folder / TRIALS_FILE
     if not path.is_file():
@@ -222,6 +234,8 @@ def run_study(
     for number, experiment in enumerate(experiments, start=1):
         logger.info("study: experiment %d/%d (%s)", number, len(experiments), experiment.name)
         folders[experiment.name] = run_experiment(experiment, plan, out)
+        if number < len(experiments):
+            _warm_next(experiments[number], plan, out)  # they start while this one is measured
         measure_experiment(folders[experiment.name], classifier_state)
         logger.info("study: %.0f s so far", time.monotonic() - started)
     return folders

@@ -34,7 +34,9 @@ def ray_session():
     """Start Ray once for every test that sweeps; trials use at most 2 CPUs."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from glo_search.search import ray_init_options
+
+    ray.init(**ray_init_options(None, 2, None))  # as glo-search starts Ray
     yield
     ray.shutdown()
 
