@@ -11,10 +11,10 @@ overhead: 8 trials of the `default` space, each trained for 20 epochs (Tune's FI
 scheduler), then the same with ASHA, 2 trials at once with 1 CPU each. The timer runs
 from the sweep() call, with Ray already running. A variant ending in -warm first asks
 Ray for 2 worker processes (glo_search.warm.warm_workers), imports Optuna's storage
-modules and waits 10 s, as a sweep does that follows another in a study. Two slots x wall time splits into the
-seconds trials spent in train_epoch (training), in evaluate (metrics), and the rest.
-Each trial reports its own seconds in train_epoch, evaluate and the other parts with
-every result (glo_search.trainable.TIMERS). A Tune callback in the driver records when
+modules and waits 10 s, as a sweep does that follows another in a study. Two slots x
+wall time splits into the seconds trials spent in train_epoch (training), in evaluate
+(metrics), and the rest. Each trial reports its own seconds in train_epoch, evaluate
+and the other parts with every result (glo_search.trainable.TIMERS). A Tune callback in the driver records when
 each trial starts and completes, which splits the time outside the trials.
 
 parts: costs that a reused Ray worker or the driver pays per trial or per result,
