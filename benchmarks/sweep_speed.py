@@ -14,8 +14,9 @@ Ray for 2 worker processes (glo_search.warm.warm_workers), imports Optuna's stor
 modules and waits 10 s, as a sweep does that follows another in a study. Two slots x
 wall time splits into the seconds trials spent in train_epoch (training), in evaluate
 (metrics), and the rest. Each trial reports its own seconds in train_epoch, evaluate
-and the other parts with every result (glo_search.trainable.TIMERS). A Tune callback in the driver records when
-each trial starts and completes, which splits the time outside the trials.
+and the other parts with every result (glo_search.trainable.TIMERS). A Tune callback
+in the driver records when each trial starts and completes, which splits the time
+outside the trials.
 
 parts: costs that a reused Ray worker or the driver pays per trial or per result,
 timed without Ray, the cases alternating round by round (median of 15). The first pair is
