@@ -234,9 +234,12 @@ def warm_up(wait_s: float = WARM_WAIT_S) -> None:
     The workers import torch and the trainer at start when Ray was started by glo-search
     (glo_search.warm), which takes 3-5 s on 2 cores.
     """
-    configure_tune_environment()  # the workers take Tune's runtime environment of now
+    configure_tune_environment()  # sets variables that Tune passes to the trials' workers
     if warm_workers(2) != 2:
-        raise SystemExit("warm variant: Ray did not start warm workers (see glo_search.warm)")
+        raise SystemExit(
+            "warm variant: the raylet's PrestartWorkers call failed. Run with the "
+            "glo_search.warm logger at DEBUG level to see the error"
+        )
     _start_study_imports().join()
     time.sleep(wait_s)
 

@@ -116,7 +116,7 @@ def run_experiment(experiment: Experiment, plan: Plan, out: Path) -> Path:
 
 
 def _warm_next(experiment: Experiment, plan: Plan, out: Path) -> None:
-    """Start Ray workers for the next experiment's trials, one CPU each as its sweep asks."""
+    """Start Ray workers for the next experiment's trials, one CPU each as its sweep requests."""
     import ray
 
     from glo_search.search import local_trial_slots

@@ -1,9 +1,9 @@
 """Warm Ray workers: trial processes started, with torch imported, before the trials.
 
 A trial's first run in a new Ray worker waits for the process to start, for Ray's
-runtime environment and for the imports of torch and Ray Tune: 3-5 s on 2 cores, about
-as long as a 20-epoch trial of the default configuration trains there. Two settings
-move that wait ahead of the trials:
+runtime environment and for the imports of torch and Ray Tune. That takes 3-5 s on 2
+cores, about as long as a 20-epoch trial of the default configuration trains there. Two
+settings move that wait ahead of the trials:
 
 - Ray started by glo-search imports ``glo_search.trainable`` in every worker process it
   starts (Ray's ``preload_python_modules`` setting), before the worker takes work.
@@ -27,7 +27,7 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-# The module that Ray workers import at start; it imports torch, Ray Tune and the trainer.
+# The module that Ray workers import at start. It imports torch, Ray Tune and the trainer.
 PRELOAD_MODULES = ("glo_search.trainable",)
 # Seconds the raylet keeps a warmed worker that has not run anything yet. It stops idle
 # workers beyond one per free CPU after about a second, and the trials' placement groups
@@ -50,7 +50,7 @@ def preload_system_config() -> dict[str, Any]:
 
 
 def trial_runtime_env() -> dict[str, Any]:
-    """The runtime environment that Ray Tune gives a trial actor started now.
+    """Return the runtime environment that Ray Tune gives a trial actor started now.
 
     Ray Tune builds it from its default variables and the listed variables set in the
     driver's environment (``ray.tune.execution.class_cache``). A worker is reused for a
