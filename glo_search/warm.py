@@ -7,9 +7,9 @@ settings move that wait ahead of the trials:
 
 - Ray started by glo-search imports ``glo_search.trainable`` in every worker process it
   starts (Ray's ``preload_python_modules`` setting), before the worker takes work.
-- ``warm_workers`` asks this node's raylet to start worker processes for the trials
-  right away, with the runtime environment that Ray Tune gives its trial actors (Tune
-  sets environment variables on them). A worker started without that environment, as
+- ``warm_workers`` sends this node's raylet a request to start worker processes for the
+  trials right away, with the runtime environment that Ray Tune gives its trial actors
+  (Tune sets environment variables on them). A worker started without that environment, as
   the raylet's own prestarted workers are, never runs a trial.
 
 NOTE: the raylet's PrestartWorkers call is not part of Ray's public API. It is used as
@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 # The module that Ray workers import at start. It imports torch, Ray Tune and the trainer.
 PRELOAD_MODULES = ("glo_search.trainable",)
-# Seconds the raylet keeps a warmed worker that has not run anything yet. It stops idle
-# workers beyond one per free CPU after about a second, and the trials' placement groups
-# take every free CPU before the trial actors arrive.
+# Seconds during which the raylet does not stop a warmed worker for being idle. Without
+# it, the raylet stops idle workers beyond one per free CPU after about a second, and the
+# trials' placement groups take every free CPU before the trial actors arrive. After it,
+# an unused worker (about 670 MiB with torch) stays while CPUs are free for it.
 KEEP_ALIVE_S = 120
 RPC_TIMEOUT_S = 10.0
 
@@ -69,20 +70,47 @@ def trial_runtime_env() -> dict[str, Any]:
 def warm_workers(count: int, keep_alive_s: int = KEEP_ALIVE_S) -> int:
     """Start count Ray worker processes on this node for trials that Ray Tune starts next.
 
-    Call it after setting any environment variable that Ray Tune passes to its trials,
-    because the workers take the runtime environment of that moment. Returns the number
-    of workers requested: count, or 0 when Ray is not running, count < 1, or the raylet
-    call is missing or failed (logged at debug level).
+    Only sweeps run from this Python process (this Ray job) use them. Call it after
+    setting any environment variable that Ray Tune passes to its trials, because the
+    workers take the runtime environment of that moment. Ray starts at most one worker
+    per CPU of this node at a time, so count is capped at that, and a call made while
+    earlier workers are still starting may start fewer. Returns the number of workers
+    requested, or 0 when Ray is not running, count < 1, the job has a runtime_env of its
+    own, or the raylet call failed (logged at debug level).
     """
     if count < 1 or not ray.is_initialized():
         return 0
+    if ray.get_runtime_context().runtime_env:
+        # Ray merges the job's runtime_env into each trial's, and in Ray 2.60 workers
+        # requested with Tune's variables alone were not used for such trials.
+        logger.debug("no warm Ray workers: the Ray job was started with a runtime_env")
+        return 0
     try:
-        request, address = _prestart_request(count, keep_alive_s)
-        _send_prestart(request, address)
+        node = _this_node()
+        count = min(count, _startup_limit(node))
+        _send_prestart(_prestart_request(count, keep_alive_s), _raylet_address(node))
     except Exception as error:  # noqa: BLE001 - a private Ray interface: any failure means no warm workers
         logger.debug("no warm Ray workers: the raylet's PrestartWorkers call failed: %r", error)
         return 0
     return count
+
+
+def _this_node() -> dict[str, Any]:
+    node_id = ray.get_runtime_context().get_node_id()
+    return next(node for node in ray.nodes() if node["NodeID"] == node_id)
+
+
+def _startup_limit(node: dict[str, Any]) -> int:
+    """Return how many workers Ray starts at once on a node that glo-search or ray.init started.
+
+    Ray 2.60 sets this limit (``maximum_startup_concurrency``) to the smaller of the
+    machine's cores and the node's CPUs, and drops prestart requests above it.
+    """
+    return max(1, min(os.cpu_count() or 1, int(node["Resources"].get("CPU", 1))))
+
+
+def _raylet_address(node: dict[str, Any]) -> str:
+    return f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
 
 
 def _prestart_request(count: int, keep_alive_s: int):
@@ -90,18 +118,15 @@ def _prestart_request(count: int, keep_alive_s: int):
     from ray.core.generated import common_pb2, node_manager_pb2
     from ray.runtime_env import RuntimeEnv
 
-    context = ray.get_runtime_context()
-    node_id = context.get_node_id()
-    node = next(node for node in ray.nodes() if node["NodeID"] == node_id)
     request = node_manager_pb2.PrestartWorkersRequest(
         language=common_pb2.Language.Value("PYTHON"),
-        job_id=bytes.fromhex(context.get_job_id()),
+        job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
         num_workers=count,
         keep_alive_duration_secs=keep_alive_s,
     )
     runtime_env = RuntimeEnv(**trial_runtime_env())
     request.runtime_env_info.CopyFrom(get_runtime_env_info(runtime_env))
-    return request, f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    return request
 
 
 def _send_prestart(request, address: str) -> None:

@@ -54,6 +54,21 @@ def test_warm_workers_without_ray():
     assert output.strip() == "0"
 
 
+JOB_WITH_RUNTIME_ENV = """
+import ray
+from glo_search.warm import warm_workers
+ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"GLO_TEST": "1"}})
+print(warm_workers(1))
+"""
+
+
+def test_warm_workers_job_runtime_env():
+    output = subprocess.run(
+        [sys.executable, "-c", JOB_WITH_RUNTIME_ENV], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip().splitlines()[-1] == "0"
+
+
 def test_warm_workers_zero_count(ray_session):
     assert warm_workers(0) == 0
 
@@ -90,7 +105,8 @@ def test_trials_run_in_warm_workers(ray_session, tmp_path):
     from glo_search.search import configure_tune_environment, sweep
 
     configure_tune_environment()
-    assert warm_workers(2) == 2
+    # Ray starts at most one worker per CPU at a time: the session's Ray has 2 CPUs.
+    assert warm_workers(5) == 2
     time.sleep(1.0)  # the raylet starts them after its reply
     sweep_called = time.time()
     starts = WorkerStarts()
