@@ -38,11 +38,15 @@ RPC_TIMEOUT_S = 10.0
 
 
 def preload_system_config() -> dict[str, Any]:
-    """Ray's ``_system_config`` for a local Ray whose workers import the trainable at start.
+    """Return Ray's ``_system_config`` for a local Ray whose workers import the trainable.
 
     Ray also starts one worker per CPU when the first driver connects. Those workers
     have no runtime environment, so Tune's trials never run in them, and with the
     preload each would spend seconds of CPU on imports. The setting turns them off.
+
+    NOTE: the preload runs before Ray sets CUDA_VISIBLE_DEVICES for a GPU trial. Importing
+    the trainable makes no CUDA call, so the trial should still see only its GPUs, but no
+    GPU run has checked it.
     """
     return {
         "preload_python_modules": list(PRELOAD_MODULES),
