@@ -124,14 +124,15 @@ def _check_define_by_run(name: str, function: Callable, base: TrainConfig) -> fr
     try:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         keys: set[str] = set()
+        checked: list[tuple[str, BaseDistribution]] = []  # the draws repeat distributions
         for _ in range(DRY_RUN_SAMPLES):
-            keys |= _dry_run_once(name, function, study.ask(), base)
+            keys |= _dry_run_once(name, function, study.ask(), base, checked)
     finally:
         optuna.logging.set_verbosity(previous)
     return frozenset(k for k in keys if not k.startswith("_"))
 
 
-def _dry_run_once(name, function, trial, base: TrainConfig) -> set[str]:
+def _dry_run_once(name, function, trial, base: TrainConfig, checked: list) -> set[str]:
     try:
         constants = function(trial)
     except Exception as error:  # a user's space may raise anything
@@ -146,7 +147,9 @@ def _dry_run_once(name, function, trial, base: TrainConfig) -> set[str]:
     values = {**trial.params, **(constants or {})}
     _check_keys(name, values)
     for key, distribution in trial.distributions.items():
-        _check_values(name, base, key, _optuna_candidates(distribution))
+        if (key, distribution) not in checked:
+            _check_values(name, base, key, _optuna_candidates(distribution))
+            checked.append((key, distribution))
     try:
         base.replace(**config_keys(values))
     except ConfigError as error:

@@ -111,10 +111,7 @@ class TrainingLog:
         if not prefixes:
             return
         if self.probe_set is None:
-            dataset = trainer.dataset
-            self.probe_set = probes.select_probes(
-                dataset.images, dataset.labels, self.config.seed, num_classes=dataset.num_classes
-            )
+            self.probe_set = probes.dataset_probes(trainer.dataset, self.config.seed)
         for name, image in probes.probe_images(trainer, self.probe_set).items():
             encoded = encode_image(image)  # once for every prefix
             for tag_prefix in prefixes:

@@ -43,9 +43,12 @@ def test_shipped_split_shape_and_range():
 
 def test_load_dataset_takes_first_n():
     dataset = load_dataset(TrainConfig(num_images=50))
-    _, labels = load_shipped()
+    images, labels = load_shipped()
     assert len(dataset) == 50
     assert dataset.labels.tolist() == labels[:50].tolist()
+    # The digits are converted after the cut; the pixels must be those of the whole split.
+    assert torch.equal(dataset.images, images[:50])
+    assert dataset.images.dtype == torch.float32 and dataset.labels.dtype == torch.int64
 
 
 def test_load_dataset_too_many_images():

@@ -7,6 +7,7 @@ from PIL import Image
 
 from glo_search import cli
 from glo_search.config import TrainConfig
+from glo_search.data import Dataset
 from glo_search.metrics import style_attributes
 from glo_search.probes import (
     CRITERIA,
@@ -15,6 +16,7 @@ from glo_search.probes import (
     activation_grid,
     activation_maps,
     class_representatives,
+    dataset_probes,
     probe_images,
     render_rows,
     select_probes,
@@ -105,6 +107,20 @@ def test_probes_same_for_logs_of_one_experiment(small_dataset, classifier_state,
         log.close()
         sets.append(log.probe_set)
     assert sets[0] == sets[1]
+
+
+def test_dataset_probes_follow_the_dataset_object(small_dataset):
+    """Kept per dataset object: the same choice as select_probes, and a different
+    dataset (here the same digits in reverse order) never gets another's probes."""
+    expected = select_probes(small_dataset.images, small_dataset.labels, seed=0)
+    assert dataset_probes(small_dataset, 0) == expected
+    assert dataset_probes(small_dataset, 0) == expected  # from the cache
+    assert dataset_probes(small_dataset, 1) == select_probes(
+        small_dataset.images, small_dataset.labels, seed=1
+    )
+    flipped = Dataset(small_dataset.images.flip(0), small_dataset.labels.flip(0), "flipped")
+    assert dataset_probes(flipped, 0) == select_probes(flipped.images, flipped.labels, seed=0)
+    assert dataset_probes(flipped, 0) != expected
 
 
 @pytest.fixture(scope="module")
