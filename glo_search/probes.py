@@ -124,9 +124,8 @@ def select_probes(
 
 
 # Probe sets by (id(dataset), seed), with the dataset. The trials that a reused Ray worker
-# runs on one Dataset object then choose their probes once: it took 27 ms per trial for
-# 2,000 digits on a 2-core AMD EPYC VM, in the TensorBoard writes of the first epoch with
-# images.
+# runs on one Dataset object then choose their probes once. The choice took 27 ms per
+# trial for 2,000 digits on a 2-core AMD EPYC VM.
 _PROBE_CACHE: dict[tuple[int, int], tuple[Dataset, ProbeSet]] = {}
 _PROBE_CACHE_SIZE = 4
 

@@ -48,7 +48,8 @@ def test_load_dataset_takes_first_n():
     assert dataset.labels.tolist() == labels[:50].tolist()
     # The digits are converted after the cut; the pixels must be those of the whole split.
     assert torch.equal(dataset.images, images[:50])
-    assert dataset.images.dtype == torch.float32 and dataset.labels.dtype == torch.int64
+    assert dataset.images.dtype == torch.float32
+    assert dataset.labels.dtype == torch.int64
 
 
 def test_load_dataset_too_many_images():
