@@ -132,15 +132,7 @@ class GloOptunaSearch(OptunaSearch):
             self._open_study()
 
     def _setup_study(self, mode) -> None:
-        # A new SQLite file gets the current schema version as it is created, so checking
-        # that version is needed only for a file that exists: a resumed sweep's. The check
-        # loads Optuna's Alembic migration scripts, 0.06 s of the 0.1 s that creating the
-        # study took.
-        url = self._study_url
-        new_file = url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists()
-        self._storage = optuna.storages.RDBStorage(
-            self._study_url, skip_compatibility_check=new_file
-        )
+        self._storage = optuna.storages.RDBStorage(self._study_url)
         # Ray calls this again when a sweep resumes. The warm-start points are already in
         # the study from the first call, so enqueueing them again would run them twice.
         points = self._points_to_evaluate

@@ -124,7 +124,7 @@ def _check_define_by_run(name: str, function: Callable, base: TrainConfig) -> fr
     try:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         keys: set[str] = set()
-        checked: list[tuple[str, BaseDistribution]] = []  # the draws repeat distributions
+        checked: set[tuple[str, str]] = set()  # (key, repr of a distribution) seen so far
         for _ in range(DRY_RUN_SAMPLES):
             keys |= _dry_run_once(name, function, study.ask(), base, checked)
     finally:
@@ -132,7 +132,7 @@ def _check_define_by_run(name: str, function: Callable, base: TrainConfig) -> fr
     return frozenset(k for k in keys if not k.startswith("_"))
 
 
-def _dry_run_once(name, function, trial, base: TrainConfig, checked: list) -> set[str]:
+def _dry_run_once(name, function, trial, base: TrainConfig, checked: set) -> set[str]:
     try:
         constants = function(trial)
     except Exception as error:  # a user's space may raise anything
@@ -147,9 +147,11 @@ def _dry_run_once(name, function, trial, base: TrainConfig, checked: list) -> se
     values = {**trial.params, **(constants or {})}
     _check_keys(name, values)
     for key, distribution in trial.distributions.items():
-        if (key, distribution) not in checked:
+        # Keyed by repr, because choices (1, 0.5) and (True, 0.5) compare equal but differ.
+        seen = (key, repr(distribution))
+        if seen not in checked:
             _check_values(name, base, key, _optuna_candidates(distribution))
-            checked.append((key, distribution))
+            checked.add(seen)
     try:
         base.replace(**config_keys(values))
     except ConfigError as error:

@@ -85,6 +85,22 @@ def test_bad_define_by_run_branch_rejected():
         resolve(space, BASE)
 
 
+def test_equal_but_different_choices_both_checked():
+    """(1, 0.5, ...) == (True, 0.5, ...) in Python, yet True is not a valid noise_std.
+
+    The second list is used in one draw only, which seldom draws True itself, so only a
+    check of every choice of that list finds it.
+    """
+    rest = tuple(0.5 + k / 100 for k in range(40))
+
+    def space(trial):
+        first = 1 if trial.number != 1 else True
+        trial.suggest_categorical("noise_std", (first, *rest))
+
+    with pytest.raises(ConfigError, match="noise_std=True"):
+        resolve(space, TrainConfig())
+
+
 def test_define_by_run_returning_bad_type_rejected():
     with pytest.raises(ConfigError, match="returned list"):
         resolve(lambda trial: [1], BASE)
