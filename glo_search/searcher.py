@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
+from sqlalchemy.engine import URL, make_url
 
 from glo_search.metrics import METRICS
 
@@ -30,7 +31,18 @@ TUNE_TRIAL_ATTR = "tune_trial_id"
 
 
 def sqlite_url(path: str | Path) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
+    """Return the SQLAlchemy URL of a SQLite file.
+
+    The path is escaped, so that a folder named with '%', '?' or '#' stays part of it
+    instead of being decoded or cut off, which would open another file.
+    """
+    database = str(Path(path).resolve())
+    return URL.create("sqlite", database=database).render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path:
+    """Return the file of a SQLite URL, as SQLAlchemy reads it."""
+    return Path(make_url(url).database)
 
 
 class GloOptunaSearch(OptunaSearch):
@@ -271,7 +283,7 @@ class GloOptunaSearch(OptunaSearch):
         if self._mirror is None:
             return
         location, relative = self._mirror
-        location.upload(Path(self._study_url.removeprefix("sqlite:///")), relative)
+        location.upload(sqlite_path(self._study_url), relative)
 
 
 def base_searcher(search_alg: Any) -> Any:

@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from glo_search.search import study_place
-from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch, sqlite_url
+from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch, sqlite_path, sqlite_url
 from glo_search.storage import locate
 
 METRIC = "disentanglement"
@@ -191,11 +191,23 @@ def test_searcher_mirrors_study_to_object_store(tmp_path):
     assert location.read_bytes("optuna.db") == (tmp_path / "optuna.db").read_bytes()
 
 
+@pytest.mark.parametrize("folder", ["p%41q", "a?b", "a#b", "a b"])
+def test_sqlite_url_keeps_special_folder_names(tmp_path, folder):
+    """A study in a folder named with '%', '?' or '#' lands in that folder."""
+    path = tmp_path / folder / "optuna.db"
+    path.parent.mkdir()
+    url = sqlite_url(path)
+    assert sqlite_path(url) == path.resolve()
+    optuna.create_study(storage=url, study_name="s")
+    assert path.is_file()
+    assert not (tmp_path / "pAq").exists()
+
+
 def test_study_place_downloads_mirrored_study(tmp_path):
     location = locate("mock:///bucket/runs", "exp")
     location.create()
     location.write_bytes("optuna.db", b"SQLite format 3\0")
     study_url, mirror = study_place(location)
-    assert Path(study_url.removeprefix("sqlite:///")).read_bytes() == b"SQLite format 3\0"
+    assert sqlite_path(study_url).read_bytes() == b"SQLite format 3\0"
     assert mirror == (location, "optuna.db")
-    shutil.rmtree(Path(study_url.removeprefix("sqlite:///")).parent)
+    shutil.rmtree(sqlite_path(study_url).parent)
