@@ -9,8 +9,10 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +47,31 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES
+
+
+class DatasetCache:
+    """Values computed from a Dataset, kept by dataset object and key.
+
+    The trials that a reused Ray worker runs share one Dataset object, so they compute
+    such values once. An entry counts only for the object it was computed from, even when
+    another object later gets the same id(). The cache empties when it reaches ``size``
+    entries.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: dict[tuple[int, Hashable], tuple[Dataset, Any]] = {}
+
+    def get(self, dataset: Dataset, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """Return the value cached for dataset and key, or compute and cache it."""
+        entry = self._entries.get((id(dataset), key))
+        if entry is not None and entry[0] is dataset:
+            return entry[1]
+        value = compute()
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[(id(dataset), key)] = (dataset, value)
+        return value
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -103,12 +130,9 @@ def _shipped_arrays(
     return images, labels
 
 
-def load_torchvision(root: str, split: str, download: bool):
-    """Load torchvision's MNIST split from root, downloading it only when asked."""
-    return _to_tensors(*_torchvision_arrays(root, split, download))
-
-
 def _torchvision_arrays(root: str, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Load torchvision's MNIST split from root as uint8 arrays, downloading it only when
+    asked."""
     from torchvision.datasets import MNIST
 
     try:
@@ -135,10 +159,6 @@ def _corrupt(root: str, split: str, error: Exception) -> DataError:
         f"MNIST {split} split under {root!r} is not valid IDX data ({detail}); delete "
         "the files under MNIST/raw and fetch them again with --download"
     )
-
-
-def load_split(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    return _to_tensors(*_split_arrays(config))
 
 
 def _split_arrays(config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from glo_search.data import Dataset, DatasetCache
 from glo_search.io import atomic_write
 from glo_search.metrics import style_attributes
 
 if TYPE_CHECKING:
-    from glo_search.data import Dataset
     from glo_search.trainer import Trainer
 
 CRITERIA = ("reconstruction", "thick", "thin", "slanted")
@@ -123,27 +123,21 @@ def select_probes(
     return ProbeSet(tuple(probes))
 
 
-# Probe sets by (id(dataset), seed), with the dataset. The trials that a reused Ray worker
-# runs on one Dataset object then choose their probes once. The choice took 13-14 ms per
-# trial for 2,000 digits on a 2-core AMD EPYC VM, 21-41 ms in a new process.
-_PROBE_CACHE: dict[tuple[int, int], tuple[Dataset, ProbeSet]] = {}
-_PROBE_CACHE_SIZE = 4
+# Probe sets by dataset object and seed. Choosing them took 13-14 ms per trial for 2,000
+# digits on a 2-core AMD EPYC VM, 21-41 ms in a new process.
+_PROBE_CACHE = DatasetCache()
 
 
 def dataset_probes(dataset: Dataset, seed: int) -> ProbeSet:
     """Return :func:`select_probes` of a dataset's images and labels, computed once per
     dataset object and seed."""
-    key = (id(dataset), seed)
-    cached = _PROBE_CACHE.get(key)
-    if cached is not None and cached[0] is dataset:
-        return cached[1]
-    probe_set = select_probes(
-        dataset.images, dataset.labels, seed, num_classes=dataset.num_classes
+    return _PROBE_CACHE.get(
+        dataset,
+        seed,
+        lambda: select_probes(
+            dataset.images, dataset.labels, seed, num_classes=dataset.num_classes
+        ),
     )
-    if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
-        _PROBE_CACHE.clear()
-    _PROBE_CACHE[key] = (dataset, probe_set)
-    return probe_set
 
 
 def _top(values: torch.Tensor, count: int) -> torch.Tensor:

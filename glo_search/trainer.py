@@ -13,7 +13,7 @@ import torch
 from glo_search import classifier as digit_classifier
 from glo_search import metrics as m
 from glo_search.config import TrainConfig, from_dict
-from glo_search.data import Dataset
+from glo_search.data import Dataset, DatasetCache
 from glo_search.io import atomic_write_bytes
 from glo_search.losses import build_loss
 from glo_search.model import GloGenerator, LatentCodes, build_generator
@@ -45,24 +45,17 @@ def evaluation_due(epoch: int, config: TrainConfig, milestones: Collection[int] 
     return epoch % config.eval_every == 0 or epoch >= config.epochs or epoch in milestones
 
 
-# The swaps and the style attributes of their source images, with the dataset, by
-# (id(dataset), swap_sources, seed). Trials that a reused Ray worker runs on the same
-# Dataset object then skip computing them again, which took about 0.1 s per trial.
-_SWAP_CACHE: dict[tuple[int, int, int], tuple[Dataset, m.Swaps, torch.Tensor]] = {}
-_SWAP_CACHE_SIZE = 4
+# The swaps and the style attributes of their source images, by dataset object,
+# swap_sources and seed. Computing them took about 0.1 s per trial.
+_SWAP_CACHE = DatasetCache()
 
 
 def _swap_setup(dataset: Dataset, swap_sources: int, seed: int) -> tuple[m.Swaps, torch.Tensor]:
-    key = (id(dataset), swap_sources, seed)
-    cached = _SWAP_CACHE.get(key)
-    if cached is not None and cached[0] is dataset:
-        return cached[1], cached[2]
-    swaps = m.build_swaps(dataset.labels, swap_sources, seed)
-    attributes = m.style_attributes(dataset.images[swaps.sources])
-    if len(_SWAP_CACHE) >= _SWAP_CACHE_SIZE:
-        _SWAP_CACHE.clear()
-    _SWAP_CACHE[key] = (dataset, swaps, attributes)
-    return swaps, attributes
+    def compute() -> tuple[m.Swaps, torch.Tensor]:
+        swaps = m.build_swaps(dataset.labels, swap_sources, seed)
+        return swaps, m.style_attributes(dataset.images[swaps.sources])
+
+    return _SWAP_CACHE.get(dataset, (swap_sources, seed), compute)
 
 
 def default_device() -> torch.device:

@@ -10,6 +10,7 @@ from glo_search.data import (
     LABELS_MAGIC,
     SHIPPED_LABELS,
     DataError,
+    DatasetCache,
     load_dataset,
     load_shipped,
     read_idx,
@@ -46,10 +47,31 @@ def test_load_dataset_takes_first_n():
     images, labels = load_shipped()
     assert len(dataset) == 50
     assert dataset.labels.tolist() == labels[:50].tolist()
-    # The digits are converted after the cut; the pixels must be those of the whole split.
+    # The digits are converted after the cut, and the pixels must equal the whole split's.
     assert torch.equal(dataset.images, images[:50])
     assert dataset.images.dtype == torch.float32
     assert dataset.labels.dtype == torch.int64
+
+
+def test_dataset_cache_computes_once_per_object():
+    first = load_dataset(TrainConfig(num_images=20))
+    second = load_dataset(TrainConfig(num_images=20))
+    cache = DatasetCache(size=2)
+    calls = []
+
+    def compute(tag):
+        calls.append(tag)
+        return tag
+
+    assert cache.get(first, "a", lambda: compute("first a")) == "first a"
+    assert cache.get(first, "a", lambda: compute("again")) == "first a"
+    assert cache.get(first, "b", lambda: compute("first b")) == "first b"
+    assert cache.get(second, "a", lambda: compute("second a")) == "second a"
+    assert calls == ["first a", "first b", "second a"]
+    # The third entry emptied the cache of size 2 first.
+    assert cache.get(first, "a", lambda: compute("first a, computed again")) == (
+        "first a, computed again"
+    )
 
 
 def test_load_dataset_too_many_images():
