@@ -153,15 +153,14 @@ def load_study(folder: str | Path, study_name: str | None = None):
     the trials fast and keeps the analysis from writing to the experiment's database.
     """
     import optuna
-    from sqlalchemy.engine import URL
+
+    from glo_search.storage import sqlite_url
 
     path = Path(folder).resolve() / STUDY_FILE
     if not path.is_file():
         return None
     # RDBStorage creates an empty database for a missing file, hence the check above.
-    # The URL escapes the path, so that '%', '?' or '#' in a folder name open this file.
-    url = URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
-    storage = optuna.storages.RDBStorage(url)
+    storage = optuna.storages.RDBStorage(sqlite_url(path))
     names = optuna.get_all_study_names(storage)
     if study_name not in names:
         if len(names) != 1:

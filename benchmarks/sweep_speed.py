@@ -364,8 +364,8 @@ def _optuna_per_result(config) -> dict:
     import statistics
 
     from glo_search.search import make_searcher
-    from glo_search.searcher import sqlite_url
     from glo_search.spaces import resolve
+    from glo_search.storage import sqlite_url
 
     times: dict[str, list[float]] = {"study read per result": [], "on_trial_result": []}
     with tempfile.TemporaryDirectory() as folder:

@@ -44,10 +44,9 @@ from glo_search.searcher import (
     GloOptunaSearch,
     RelocatableSearchGenerator,
     base_searcher,
-    sqlite_url,
 )
 from glo_search.spaces import ResolvedSpace, resolve
-from glo_search.storage import ExperimentLocation, locate
+from glo_search.storage import ExperimentLocation, locate, sqlite_url
 from glo_search.trainable import train_glo
 from glo_search.warm import preload_system_config
 

@@ -12,7 +12,6 @@ import copy
 import logging
 import math
 import pickle
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -20,29 +19,14 @@ from optuna.trial import TrialState
 from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
-from sqlalchemy.engine import URL, make_url
 
 from glo_search.metrics import METRICS
+from glo_search.storage import sqlite_path
 
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "optuna.db"
 TUNE_TRIAL_ATTR = "tune_trial_id"
-
-
-def sqlite_url(path: str | Path) -> str:
-    """Return the SQLAlchemy URL of a SQLite file.
-
-    The path is escaped, so that a folder named with '%', '?' or '#' stays part of it
-    instead of being decoded or cut off, which would open another file.
-    """
-    database = str(Path(path).resolve())
-    return URL.create("sqlite", database=database).render_as_string(hide_password=False)
-
-
-def sqlite_path(url: str) -> Path:
-    """Return the file of a SQLite URL, as SQLAlchemy reads it."""
-    return Path(make_url(url).database)
 
 
 class GloOptunaSearch(OptunaSearch):

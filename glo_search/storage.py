@@ -148,3 +148,22 @@ def open_experiment(experiment: str | Path) -> ExperimentLocation:
     """An existing experiment folder given as a local path or a URI."""
     filesystem, path, uri = _filesystem_and_path(str(experiment))
     return ExperimentLocation(filesystem, path, uri)
+
+
+def sqlite_url(path: str | Path) -> str:
+    """Return the SQLAlchemy URL of a SQLite file.
+
+    The path is escaped, so that a folder named with '%', '?' or '#' stays part of it
+    instead of being decoded or cut off, which would open another file.
+    """
+    from sqlalchemy.engine import URL
+
+    database = str(Path(path).resolve())
+    return URL.create("sqlite", database=database).render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path:
+    """Return the file of a SQLite URL, as SQLAlchemy reads it."""
+    from sqlalchemy.engine import make_url
+
+    return Path(make_url(url).database)

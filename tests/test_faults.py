@@ -20,7 +20,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from glo_search.results import read_experiment
 from glo_search.search import sweep
-from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR, sqlite_url
+from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR
+from glo_search.storage import sqlite_url
 
 SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50, "eval_every": 1}
 MAX_EPOCHS = 4

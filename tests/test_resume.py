@@ -29,8 +29,8 @@ from glo_search import rungs
 from glo_search.results import FINAL_STATUSES, read_experiment
 from glo_search.resume import resume
 from glo_search.search import sweep
-from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR, sqlite_url
-from glo_search.storage import open_experiment
+from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR
+from glo_search.storage import open_experiment, sqlite_url
 
 NUM_SAMPLES = 6
 MAX_EPOCHS = 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import optuna
 import pytest
@@ -12,8 +11,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from glo_search.search import study_place
-from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch, sqlite_path, sqlite_url
-from glo_search.storage import locate
+from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch
+from glo_search.storage import locate, sqlite_path, sqlite_url
 
 METRIC = "disentanglement"
 MAX_EPOCHS = 4
