@@ -197,7 +197,7 @@ def parse_variant(variant: str) -> dict:
 
 
 def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> dict:
-    # A sweep trains the reference classifier when its cache is empty, which took 20-50 s
+    # A sweep trains the reference classifier when its cache is empty, which took 20-51 s
     # on 2 cores. A user pays that once, so it stays outside the timers.
     classifier.load_info()
     figures = {}
