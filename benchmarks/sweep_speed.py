@@ -333,7 +333,7 @@ def parts() -> dict:
 
     import torch
 
-    from glo_search import classifier, trainable
+    from glo_search import trainable
     from glo_search import trainer as trainer_module
     from glo_search.config import TrainConfig
     from glo_search.data import DatasetCache, load_dataset
@@ -345,7 +345,7 @@ def parts() -> dict:
     Trainer(config, trainable._dataset(config), state, device="cpu")  # imports, caches
 
     def fresh() -> None:
-        # An empty cache of its own, so the new dataset's entry never evicts the worker's.
+        # The new dataset gets an empty cache, so its entry never evicts the worker's.
         worker_cache = trainer_module._SWAP_CACHE
         trainer_module._SWAP_CACHE = DatasetCache()
         try:

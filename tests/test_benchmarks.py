@@ -1,4 +1,4 @@
-"""The sweep benchmarks run end to end and their figures add up.
+"""The sweep benchmarks run end to end, and the overhead figures add up.
 
 They reach into the trainer's caches and Tune's callbacks, so a change there can break
 them without any other test noticing. Nothing here checks a speed.
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_benchmark(tmp_path, *args: str, timeout: float = 600) -> dict:
-    """Run a benchmarks/ script with --json; return the figures it printed.
+    """Run a benchmarks/ script with --json and return the figures it printed.
 
     The script runs in its own process group, and Ray's processes in a temporary folder
     of their own. Both end with the test.
@@ -45,7 +45,9 @@ def test_parts_times_each_cost(tmp_path):
         "study read per result",
         "on_trial_result",
     }
-    assert all(math.isfinite(seconds) and seconds > 0 for seconds in figures.values())
+    for name, seconds in figures.items():
+        assert math.isfinite(seconds), name
+        assert seconds > 0, name
 
 
 def test_overhead_parts_add_up(tmp_path):
