@@ -11,11 +11,13 @@ statistics equal autograd's on the module path to float rounding (tests/test_ste
 It covers the ``glo`` generator and the losses ``l1``, ``l2`` and ``l1+l2``; the trainer
 uses autograd for every other combination.
 
-Between the matrix products, which stay PyTorch's, the step and :func:`decode` run the
-C kernels of :mod:`glo_search.native` on float32 tensors in CPU memory: each replaces a
-run of small tensor operations (shifted sums, interleaving, batch norm, the loss) by one
-pass over memory. Without them (no C compiler, ``GLO_SEARCH_NATIVE=0``, float64) the
-same computation runs in PyTorch operations.
+The step and :func:`decode` run the convolution stages, batch norm and the loss as the
+C kernels of :mod:`glo_search.native`, on float32 tensors in CPU memory. Each stage is
+one pass per image that sums its products into the output while they are in cache.
+PyTorch would write them to memory and read them back in a run of small tensor
+operations. The linear layers stay PyTorch's. Without the kernels (no C
+compiler, ``GLO_SEARCH_NATIVE=0``, float64) the same computation runs in PyTorch
+operations.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class GloStep:
         tensors = [*generator.parameters(), *generator.buffers(), *codes.parameters()]
         floats = all(t.dtype in (torch.float32, torch.int64) for t in tensors)
         on_cpu = all(t.device.type == "cpu" for t in tensors)
-        self.kernels = native.kernels() if use_native and floats and on_cpu else None
+        fits = floats and on_cpu and ACTIVATION_CHANNELS == native.MAP_CHANNELS
+        self.kernels = native.kernels() if use_native and fits else None
         self.allocate_gradients()
 
     def allocate_gradients(self) -> None:
@@ -107,7 +110,7 @@ class GloStep:
     def _native_pass(
         self, class_code: torch.Tensor, content_code: torch.Tensor, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, loss and backward with the C kernels between the matrix products.
+        """Forward, loss and backward with the C kernels for the convolution stages.
 
         Return the pixel loss and the gradient of the generator's input, as
         :meth:`_forward`, :meth:`_pixel_loss` and :meth:`_backward` do together.
@@ -122,12 +125,10 @@ class GloStep:
         maps5 = hidden[-1].view(batch, channels, 5, 5).permute(0, 2, 3, 1).contiguous()
 
         kernel14 = _folded(conv14.weight)  # (in, [q1 q2 r1 r2 out])
-        taps = maps5.view(-1, channels) @ kernel14  # (B*5*5, [q1 q2 r1 r2 out])
-        maps14 = taps.new_empty(batch, 14, 14, channels)
-        lib.stage_scatter(taps, conv14.bias, maps14, None, None, batch, 5, 5, channels, 0)
+        maps14 = maps5.new_empty(batch, 14, 14, channels)
+        lib.stage_forward(maps5, kernel14, conv14.bias, maps14, None, None, batch, 5, 5, 0)
         active = torch.empty_like(maps14)
-        mean, invstd = taps.new_empty(2, channels)
-        rows = batch * 14 * 14
+        mean, invstd = maps5.new_empty(2, channels)
         lib.norm_relu_forward(
             *(maps14, norm.weight, norm.bias, norm.running_mean, norm.running_var),
             *(active, mean, invstd),
@@ -138,8 +139,7 @@ class GloStep:
         norm.num_batches_tracked.add_(1)
 
         kernel28 = _folded(conv28.weight)  # (in, [q1 q2 r1 r2])
-        taps28 = kernel28.t() @ active.view(rows, channels).t()  # ([q1 q2 r1 r2], B*14*14)
-        grad28 = taps.new_empty(batch, 28, 28)  # d(loss)/d(logits)
+        grad28 = maps5.new_empty(batch, 28, 28)  # d(loss)/d(logits)
         sums = torch.empty(2, dtype=torch.float64)
         pixels = grad28.numel()
         if images.numel() != pixels:
@@ -149,7 +149,7 @@ class GloStep:
             )
         targets = images.to(torch.float32).contiguous()  # what the kernel reads
         lib.stage_loss(
-            *(taps28, conv28.bias, targets, grad28, sums),
+            *(active, kernel28, conv28.bias, targets, grad28, sums),
             *(batch, 14, 14, 2),
             self.sign_weight,
             self.linear_weight,
@@ -158,19 +158,24 @@ class GloStep:
         abs_sum, square_sum = sums.tolist()
         loss = (self.sign_weight * abs_sum + self.linear_weight / 2 * square_sum) / pixels
 
-        grad_taps28 = torch.empty_like(taps28)
-        lib.stage_gather_positions(grad28, grad_taps28, conv28.bias.grad, batch, 14, 14, 2)
-        _set_weight_grad(conv28, (grad_taps28 @ active.view(rows, channels)).t())
-        grad_active = grad_taps28.t() @ kernel28.t()  # (B*14*14, in)
+        kernel28_grad, grad_active = torch.empty_like(kernel28), torch.empty_like(active)
+        lib.stage_loss_backward(
+            *(grad28, active, kernel28, kernel28_grad, grad_active, conv28.bias.grad),
+            *(batch, 14, 14, 2),
+        )
+        _set_weight_grad(conv28, kernel28_grad)
         grad_maps14 = torch.empty_like(maps14)
         lib.norm_relu_backward(
             *(grad_active, active, maps14, mean, invstd, norm.weight),
             *(grad_maps14, norm.weight.grad, norm.bias.grad),
             *(batch, 14 * 14, channels),
         )
-        lib.stage_gather(grad_maps14, taps, conv14.bias.grad, batch, 5, 5, channels, 0)
-        _set_weight_grad(conv14, maps5.view(-1, channels).t() @ taps)
-        grad = (taps @ kernel14.t()).view(batch, 5, 5, channels)
+        kernel14_grad, grad = torch.empty_like(kernel14), torch.empty_like(maps5)
+        lib.stage_backward(
+            *(grad_maps14, maps5, kernel14, kernel14_grad, grad, conv14.bias.grad),
+            *(batch, 5, 5, 0),
+        )
+        _set_weight_grad(conv14, kernel14_grad)
         grad = grad.permute(0, 3, 1, 2).reshape(batch, -1)  # (B, 400)
         return torch.tensor(loss), self._linear_backward(grad, hidden)
 
@@ -295,7 +300,8 @@ def decode(
     conv14, norm = generator.to_14[1], generator.to_14[2]
     conv28 = generator.to_28[1]
     kernel14, kernel28 = _folded(conv14.weight), _folded(conv28.weight)
-    lib = native.kernels() if maps5.dtype == torch.float32 and not maps5.is_cuda else None
+    fits = maps5.dtype == torch.float32 and not maps5.is_cuda and channels == native.MAP_CHANNELS
+    lib = native.kernels() if fits else None
     if lib is not None:
         gain = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * gain
@@ -305,12 +311,10 @@ def decode(
             outputs.append(_decode_stages(part, kernel14, kernel28, conv14, norm, conv28))
             continue
         size = len(part)
-        taps = part.view(-1, channels) @ kernel14
-        active = taps.new_empty(size, 14, 14, channels)
-        lib.stage_scatter(taps, conv14.bias, active, gain, shift, size, 5, 5, channels, 0)
-        taps28 = kernel28.t() @ active.view(-1, channels).t()
-        images = taps.new_empty(size, 1, 28, 28)
-        lib.stage_loss(taps28, conv28.bias, None, images, None, size, 14, 14, 2, 0, 0, 1)
+        active = part.new_empty(size, 14, 14, channels)
+        lib.stage_forward(part, kernel14, conv14.bias, active, gain, shift, size, 5, 5, 0)
+        images = part.new_empty(size, 1, 28, 28)
+        lib.stage_loss(active, kernel28, conv28.bias, None, images, None, size, 14, 14, 2, 0, 0, 1)
         outputs.append(images)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

@@ -1,22 +1,26 @@
 /*
- * Element-wise parts of the hand-written training step (glo_search/step.py), in C, and
- * the digit classifier's first layer (glo_search/classifier.py).
+ * The hand-written training step's convolution stages, batch norm and loss
+ * (glo_search/step.py), in C, and the digit classifier's first layer
+ * (glo_search/classifier.py).
  *
- * At a batch of 32 the step's matrix products are left to PyTorch, and what remains is
- * dozens of small tensor operations: shifted sums, interleaving, batch norm, the loss.
- * Each costs a few microseconds of dispatch in PyTorch; here each group of them is one
- * pass over memory. glo_search/native/__init__.py compiles this file on first use.
+ * At a batch of 32 the stages' matrix products are small (16 channels in and out), and
+ * through PyTorch each one writes its taps to memory, which further operations then sum,
+ * interleave and normalize, each with a few microseconds of dispatch. Here each stage
+ * runs as one pass per image: the products with vector multiply-adds, and the taps
+ * summed into the output while they are in registers or cache. Only the linear layers'
+ * products stay PyTorch's. glo_search/native/__init__.py compiles this file on first use.
  *
  * Every array is float32, contiguous, in the layout its comment gives. The work is split
- * by image over OpenMP threads (PyTorch's own pool, whose size torch.set_num_threads
- * sets). Sums over the batch are taken per image in double and then added in image
- * order, so results do not depend on the number of threads.
+ * by image (or by output column, for a kernel's gradient) over OpenMP threads (PyTorch's
+ * own pool, whose size torch.set_num_threads sets). Sums over the batch are taken per
+ * image and then added in image order in double, so results do not depend on the number
+ * of threads.
  *
  * Names used below: a stage upsamples an (H, W) map x2 and applies a transposed 5x5
  * convolution, computed as a 3x3 grid of taps q per output phase r (glo_search/kernels.py).
  * Output row 2 * (h + q1) + r1 - pad receives input row h through tap q1 in phase r1;
- * the output has 2 * (H + 2) - 2 * pad rows, and likewise for columns. The single-channel
- * stages below take an even pad only, as glo_search/step.py's stages do.
+ * the output has 2 * (H + 2) - 2 * pad rows, and likewise for columns. The stages below
+ * take an even pad only, as glo_search/step.py's stages do.
  */
 
 #include <math.h>
@@ -29,11 +33,6 @@
 #define LANES 16 /* partial sums kept apart, so that the loops summing floats vectorize */
 
 static inline int64_t out_size(int64_t size, int64_t pad) { return 2 * (size + 2) - 2 * pad; }
-
-/* Tap-phase k = (q1, q2, r1, r2) moves an input pixel by (2 q1 + r1, 2 q2 + r2) rows and
- * columns, before the padding is taken off. */
-static inline int64_t row_offset(int64_t k) { return 2 * (k / 12) + (k / 2) % 2; }
-static inline int64_t column_offset(int64_t k) { return 2 * ((k / 4) % 3) + k % 2; }
 
 /* dst[i] += src[i] and dst[i] = src[i], for n floats that do not overlap */
 static inline void add_floats(float *restrict dst, const float *restrict src, int64_t n) {
@@ -94,37 +93,104 @@ static double float_sum(const float *restrict x, int64_t n) {
 }
 
 /*
- * Channels-last stage, forward: out = bias + the taps scattered to their output pixels.
- * taps (B, H, W, 3, 3, 2, 2, C): the input map times the folded kernel.
- * out (B, Ho, Wo, C). With gain and shift (C) given, out then becomes
- * max(0, out * gain + shift): batch norm with fixed statistics and ReLU, for decoding.
+ * Channels-last stage with MAP_CHANNELS channels in and out, as the generator's 5x5 -> 14x14
+ * stage has. Each input pixel's tap (q1, q2) writes a 2x2 block of output pixels, one per
+ * phase (r1, r2); the folded kernel holds that block's weights as 4 * MAP_CHANNELS floats
+ * in a row, in the block's own order (top-left, top-right, bottom-left, bottom-right).
+ * The products are taken in place, so the (B, H, W, 36, C) taps never reach memory.
  */
-void stage_scatter(const float *restrict taps, const float *restrict bias, float *restrict out,
-                   const float *restrict gain, const float *restrict shift, int64_t batch,
-                   int64_t height, int64_t width, int64_t channels, int64_t pad) {
+#define MAP_CHANNELS 16 /* glo_search/native/__init__.py's MAP_CHANNELS */
+#define BLOCK (4 * MAP_CHANNELS)     /* floats of one tap's 2x2 block of output pixels */
+#define CHANNEL_LANES (MAP_CHANNELS / 8)
+#define POSITION_GROUP 5             /* input pixels sharing each load of the kernel */
+
+typedef float lanes8 __attribute__((vector_size(32))); /* 8 floats: AVX, or two SSE */
+
+static inline lanes8 load8(const float *p) {
+    lanes8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, lanes8 v) { memcpy(p, &v, sizeof v); }
+
+/* The top-left output pixel of input pixel (h, w)'s tap t in an image of out_w columns,
+ * or NULL where the pad crops the block (with an even pad a block is kept or cropped
+ * whole). */
+static inline const float *tap_block(const float *image, int64_t h, int64_t w, int64_t t,
+                                     int64_t out_h, int64_t out_w, int64_t pad) {
+    const int64_t y = 2 * (h + t / TAPS) - pad, x = 2 * (w + t % TAPS) - pad;
+    if (y < 0 || y >= out_h || x < 0 || x >= out_w) {
+        return NULL;
+    }
+    return image + (y * out_w + x) * MAP_CHANNELS;
+}
+
+/*
+ * Forward: out = bias + x times the folded kernel, each product added into its output
+ * pixel. x (B, H, W, C), kernel (C, [q1 q2 r1 r2 c]) -> out (B, Ho, Wo, C). With gain and
+ * shift (C) given, out then becomes max(0, out * gain + shift): batch norm with fixed
+ * statistics and ReLU, for decoding.
+ */
+void stage_forward(const float *restrict x, const float *restrict kernel,
+                   const float *restrict bias, float *restrict out, const float *restrict gain,
+                   const float *restrict shift, int64_t batch, int64_t height, int64_t width,
+                   int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
+    const int64_t size = out_h * out_w * MAP_CHANNELS, row = out_w * MAP_CHANNELS;
+    const int64_t positions = height * width;
+    const float zeros[MAP_CHANNELS] = {0};
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
-        float *image = out + b * out_h * out_w * channels;
+        float *image = out + b * size;
+        float spare[row + BLOCK]; /* written in place of a cropped block */
         for (int64_t p = 0; p < out_h * out_w; p++) {
-            copy_floats(image + p * channels, bias, channels);
+            copy_floats(image + p * MAP_CHANNELS, bias, MAP_CHANNELS);
         }
-        for (int64_t h = 0; h < height; h++) {
-            for (int64_t w = 0; w < width; w++) {
-                const float *src = taps + ((b * height + h) * width + w) * TAP_PHASES * channels;
-                for (int64_t k = 0; k < TAP_PHASES; k++) {
-                    const int64_t y = 2 * h + row_offset(k) - pad;
-                    const int64_t x = 2 * w + column_offset(k) - pad;
-                    if (y >= 0 && y < out_h && x >= 0 && x < out_w) {
-                        add_floats(image + (y * out_w + x) * channels, src + k * channels,
-                                   channels);
+        for (int64_t t = 0; t < TAPS * TAPS; t++) {
+            /* Input pixels go in groups of POSITION_GROUP, which share each load of the
+             * kernel; a group's 2x2 blocks are distinct, as its pixels are. */
+            for (int64_t p0 = 0; p0 < positions; p0 += POSITION_GROUP) {
+                const float *in[POSITION_GROUP];
+                float *top[POSITION_GROUP];
+                for (int i = 0; i < POSITION_GROUP; i++) {
+                    const int64_t p = p0 + i;
+                    float *block = p < positions ? (float *)tap_block(image, p / width, p % width,
+                                                                      t, out_h, out_w, pad)
+                                                 : NULL;
+                    in[i] = block == NULL ? zeros : x + (b * positions + p) * MAP_CHANNELS;
+                    top[i] = block == NULL ? spare : block;
+                }
+                /* a quarter of each block at a time: one output pixel's channels */
+                for (int64_t quarter = 0; quarter < 4; quarter++) {
+                    const int64_t offset = (quarter / 2) * row + (quarter % 2) * MAP_CHANNELS;
+                    lanes8 sum[POSITION_GROUP][CHANNEL_LANES];
+                    for (int i = 0; i < POSITION_GROUP; i++) {
+                        for (int g = 0; g < CHANNEL_LANES; g++) {
+                            sum[i][g] = load8(top[i] + offset + 8 * g);
+                        }
+                    }
+                    const float *weights = kernel + (4 * t + quarter) * MAP_CHANNELS;
+                    for (int c = 0; c < MAP_CHANNELS; c++) {
+                        const float *k = weights + c * TAP_PHASES * MAP_CHANNELS;
+                        for (int g = 0; g < CHANNEL_LANES; g++) {
+                            const lanes8 w = load8(k + 8 * g);
+                            for (int i = 0; i < POSITION_GROUP; i++) {
+                                sum[i][g] += in[i][c] * w;
+                            }
+                        }
+                    }
+                    for (int i = 0; i < POSITION_GROUP; i++) {
+                        for (int g = 0; g < CHANNEL_LANES; g++) {
+                            store8(top[i] + offset + 8 * g, sum[i][g]);
+                        }
                     }
                 }
             }
         }
         if (gain != NULL) {
-            for (int64_t j = 0; j < out_h * out_w * channels; j += channels) {
-                for (int64_t c = 0; c < channels; c++) {
+            for (int64_t j = 0; j < size; j += MAP_CHANNELS) {
+                for (int64_t c = 0; c < MAP_CHANNELS; c++) {
                     const float value = image[j + c] * gain[c] + shift[c];
                     image[j + c] = value > 0.0f ? value : 0.0f;
                 }
@@ -134,38 +200,106 @@ void stage_scatter(const float *restrict taps, const float *restrict bias, float
 }
 
 /*
- * Channels-last stage, backward: the taps' gradient gathered from the output's gradient,
- * zero where a tap falls outside the output, and the bias gradient (sum over pixels).
- * grad (B, Ho, Wo, C) -> taps (B, H, W, 3, 3, 2, 2, C), bias_grad (C).
+ * Backward of stage_forward, from grad (B, Ho, Wo, C), the output's gradient:
+ * x_grad (B, H, W, C), the input's; kernel_grad (C, [q1 q2 r1 r2 c]), the folded
+ * kernel's; bias_grad (C), the sum over output pixels.
  */
-void stage_gather(const float *restrict grad, float *restrict taps, float *restrict bias_grad,
-                  int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t pad) {
+void stage_backward(const float *restrict grad, const float *restrict x,
+                    const float *restrict kernel, float *restrict kernel_grad,
+                    float *restrict x_grad, float *restrict bias_grad, int64_t batch,
+                    int64_t height, int64_t width, int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
-    double partial[batch * channels], sums[channels];
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < batch; b++) {
-        const float *image = grad + b * out_h * out_w * channels;
-        for (int64_t h = 0; h < height; h++) {
-            for (int64_t w = 0; w < width; w++) {
-                float *dst = taps + ((b * height + h) * width + w) * TAP_PHASES * channels;
-                for (int64_t k = 0; k < TAP_PHASES; k++) {
-                    const int64_t y = 2 * h + row_offset(k) - pad;
-                    const int64_t x = 2 * w + column_offset(k) - pad;
-                    float *value = dst + k * channels;
-                    if (y >= 0 && y < out_h && x >= 0 && x < out_w) {
-                        copy_floats(value, image + (y * out_w + x) * channels, channels);
-                    } else {
-                        for (int64_t c = 0; c < channels; c++) {
-                            value[c] = 0.0f;
+    const int64_t size = out_h * out_w * MAP_CHANNELS, row = out_w * MAP_CHANNELS;
+    const int64_t columns = TAP_PHASES * MAP_CHANNELS;
+    double partial[batch * MAP_CHANNELS], sums[MAP_CHANNELS];
+    float kernel_t[TAP_PHASES * MAP_CHANNELS * MAP_CHANNELS]; /* (36 C, C) */
+    for (int64_t j = 0; j < columns; j++) {
+        for (int64_t c = 0; c < MAP_CHANNELS; c++) {
+            kernel_t[j * MAP_CHANNELS + c] = kernel[c * columns + j];
+        }
+    }
+#pragma omp parallel
+    {
+        /* x_grad: each input pixel's gradient is its taps' gradient times the kernel's
+         * transpose. An image's pixels go in groups of POSITION_GROUP, which share each
+         * load of the kernel. */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            const float *image = grad + b * size;
+            for (int64_t p0 = 0; p0 < height * width; p0 += POSITION_GROUP) {
+                lanes8 sum[POSITION_GROUP][CHANNEL_LANES] = {{{0}}};
+                for (int64_t t = 0; t < TAPS * TAPS; t++) {
+                    /* each pixel's block gradient, top row then bottom row, or zeros */
+                    float blocks[POSITION_GROUP][BLOCK];
+                    for (int i = 0; i < POSITION_GROUP; i++) {
+                        const int64_t p = p0 + i;
+                        const float *block =
+                            p < height * width
+                                ? tap_block(image, p / width, p % width, t, out_h, out_w, pad)
+                                : NULL;
+                        if (block == NULL) {
+                            memset(blocks[i], 0, sizeof blocks[i]);
+                            continue;
                         }
+                        copy_floats(blocks[i], block, BLOCK / 2);
+                        copy_floats(blocks[i] + BLOCK / 2, block + row, BLOCK / 2);
+                    }
+                    for (int j = 0; j < BLOCK; j++) {
+                        const float *k = kernel_t + (t * BLOCK + j) * MAP_CHANNELS;
+                        for (int i = 0; i < POSITION_GROUP; i++) {
+                            for (int g = 0; g < CHANNEL_LANES; g++) {
+                                sum[i][g] += blocks[i][j] * load8(k + 8 * g);
+                            }
+                        }
+                    }
+                }
+                for (int i = 0; i < POSITION_GROUP && p0 + i < height * width; i++) {
+                    float *dst = x_grad + (b * height * width + p0 + i) * MAP_CHANNELS;
+                    for (int g = 0; g < CHANNEL_LANES; g++) {
+                        store8(dst + 8 * g, sum[i][g]);
+                    }
+                }
+            }
+            column_sums(partial + b * MAP_CHANNELS, image, out_h * out_w, MAP_CHANNELS);
+        }
+        /* kernel_grad: per tap-phase k, the sum over input pixels of x times the gradient
+         * of k's output pixel. Each thread takes whole columns and sums them in the same
+         * order, so the result does not depend on the number of threads. */
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < TAP_PHASES; k++) {
+            const int64_t t = k / 4, r1 = (k / 2) % 2, r2 = k % 2;
+            for (int64_t c0 = 0; c0 < MAP_CHANNELS; c0 += 4) {
+                lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+                const float *in = x + c0;
+                for (int64_t b = 0; b < batch; b++) {
+                    for (int64_t h = 0; h < height; h++) {
+                        for (int64_t w = 0; w < width; w++, in += MAP_CHANNELS) {
+                            const float *block =
+                                tap_block(grad + b * size, h, w, t, out_h, out_w, pad);
+                            if (block == NULL) {
+                                continue;
+                            }
+                            const float *pixel = block + r1 * row + r2 * MAP_CHANNELS;
+                            for (int g = 0; g < CHANNEL_LANES; g++) {
+                                const lanes8 value = load8(pixel + 8 * g);
+                                for (int i = 0; i < 4; i++) {
+                                    sum[i][g] += in[i] * value;
+                                }
+                            }
+                        }
+                    }
+                }
+                for (int i = 0; i < 4; i++) {
+                    for (int g = 0; g < CHANNEL_LANES; g++) {
+                        store8(kernel_grad + (c0 + i) * columns + k * MAP_CHANNELS + 8 * g,
+                               sum[i][g]);
                     }
                 }
             }
         }
-        column_sums(partial + b * channels, image, out_h * out_w, channels);
     }
-    add_partials(sums, partial, batch, channels);
-    for (int64_t c = 0; c < channels; c++) {
+    add_partials(sums, partial, batch, MAP_CHANNELS);
+    for (int64_t c = 0; c < MAP_CHANNELS; c++) {
         bias_grad[c] = (float)sums[c];
     }
 }
@@ -199,35 +333,87 @@ static inline float sigmoid(float x) {
 }
 
 /*
- * Single-channel stage with image positions innermost, forward, followed by the sigmoid,
- * the pixel loss against the targets and the loss's gradient at the logits.
- * taps ([q1 q2 r1 r2], B, H, W), bias (1), targets (B, Ho, Wo) -> grad (B, Ho, Wo).
+ * The single-channel stage reads channels-last maps (B, H, W, C), C = MAP_CHANNELS, and
+ * works on one image at a time with image positions innermost: the image's maps become
+ * C planes of H * W positions, padded with zeros to a multiple of PLANE_GROUP, and
+ * its 36 taps are 36 such planes. kernel (C, [q1 q2 r1 r2]) is the folded kernel.
+ */
+#define PLANE_GROUP (2 * 8)
+
+static inline int64_t plane_size(int64_t positions) {
+    return (positions + PLANE_GROUP - 1) / PLANE_GROUP * PLANE_GROUP;
+}
+
+/* planes (C, plane) <- one image's maps (positions, C), zero past the last position */
+static void to_planes(float *restrict planes, const float *restrict maps, int64_t positions,
+                      int64_t plane) {
+    for (int64_t c = 0; c < MAP_CHANNELS; c++) {
+        for (int64_t p = 0; p < plane; p++) {
+            planes[c * plane + p] = p < positions ? maps[p * MAP_CHANNELS + c] : 0.0f;
+        }
+    }
+}
+
+/*
+ * out (rows, plane) = weights^T times planes (C, plane), where weights is (C, rows) with
+ * rows a multiple of 4, one row per tap or per channel: column blocks of 4 by 2 * 8
+ * positions, each a sum over the C channels.
+ */
+static void plane_product(float *restrict out, const float *restrict weights, int64_t rows,
+                          const float *restrict planes, int64_t inner, int64_t plane) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        for (int64_t p0 = 0; p0 < plane; p0 += PLANE_GROUP) {
+            lanes8 sum[4][2] = {{{0}}};
+            for (int64_t c = 0; c < inner; c++) {
+                const lanes8 lo = load8(planes + c * plane + p0);
+                const lanes8 hi = load8(planes + c * plane + p0 + 8);
+                for (int i = 0; i < 4; i++) {
+                    const float w = weights[c * rows + r0 + i];
+                    sum[i][0] += w * lo;
+                    sum[i][1] += w * hi;
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                store8(out + (r0 + i) * plane + p0, sum[i][0]);
+                store8(out + (r0 + i) * plane + p0 + 8, sum[i][1]);
+            }
+        }
+    }
+}
+
+/*
+ * The single-channel stage's forward pass, followed by the sigmoid, the pixel loss against
+ * the targets and the loss's gradient at the logits.
+ * active (B, H, W, C), kernel (C, 36), bias (1), targets (B, Ho, Wo) -> grad (B, Ho, Wo).
  * sums (2): sum of |d| and sum of d^2, where d = output - target. The gradient is
  * (sign_weight sign(d) + linear_weight d) / scale times the sigmoid's slope.
  * With targets NULL, grad receives the outputs (the sigmoid of the logits) and sums is
  * left alone: the stage's forward pass alone, for decoding.
  */
-void stage_loss(const float *restrict taps, const float *restrict bias,
-                const float *restrict targets, float *restrict grad, double *restrict sums,
-                int64_t batch, int64_t height, int64_t width, int64_t pad, float sign_weight,
-                float linear_weight, float scale) {
+void stage_loss(const float *restrict active, const float *restrict kernel,
+                const float *restrict bias, const float *restrict targets,
+                float *restrict grad, double *restrict sums, int64_t batch, int64_t height,
+                int64_t width, int64_t pad, float sign_weight, float linear_weight,
+                float scale) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
-    const int64_t pixels = out_h * out_w;
+    const int64_t pixels = out_h * out_w, plane = plane_size(positions);
     const float sign_factor = sign_weight / scale, linear_factor = linear_weight / scale;
     double abs_sums[batch], square_sums[batch];
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
+        float planes[MAP_CHANNELS * plane], taps[TAP_PHASES * plane];
         float phases[4 * phase_h * phase_w], logits[pixels], squares[pixels];
+        to_planes(planes, active + b * positions * MAP_CHANNELS, positions, plane);
+        plane_product(taps, kernel, TAP_PHASES, planes, MAP_CHANNELS, plane);
         for (int64_t i = 0; i < 4 * phase_h * phase_w; i++) {
             phases[i] = bias[0];
         }
         for (int64_t k = 0; k < TAP_PHASES; k++) {
             const int64_t q1 = k / 12, q2 = (k / 4) % 3, r = k % 4;
-            const float *src = taps + (k * batch + b) * positions;
             for (int64_t h = 0; h < height; h++) {
-                add_floats(phases + (r * phase_h + h + q1) * phase_w + q2, src + h * width,
-                           width);
+                add_floats(phases + (r * phase_h + h + q1) * phase_w + q2,
+                           taps + k * plane + h * width, width);
             }
         }
         /* Interleave the phases: output row y is phase row (y + pad) / 2 of parity y % 2
@@ -272,20 +458,29 @@ void stage_loss(const float *restrict taps, const float *restrict bias,
 }
 
 /*
- * Backward of stage_loss's stage: the taps' gradient from the logits' gradient, with
- * image positions innermost, and the bias gradient.
- * grad (B, Ho, Wo) -> taps ([q1 q2 r1 r2], B, H, W), bias_grad (1).
+ * Backward of stage_loss's stage, from grad (B, Ho, Wo), the logits' gradient:
+ * active_grad (B, H, W, C), the maps'; kernel_grad (C, 36), the folded kernel's;
+ * bias_grad (1), the sum over pixels.
  */
-void stage_gather_positions(const float *restrict grad, float *restrict taps,
-                            float *restrict bias_grad, int64_t batch, int64_t height,
-                            int64_t width, int64_t pad) {
+void stage_loss_backward(const float *restrict grad, const float *restrict active,
+                         const float *restrict kernel, float *restrict kernel_grad,
+                         float *restrict active_grad, float *restrict bias_grad,
+                         int64_t batch, int64_t height, int64_t width, int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
-    double partial[batch];
+    const int64_t plane = plane_size(positions), weights = MAP_CHANNELS * TAP_PHASES;
+    double partial[batch], kernel_sums[weights];
+    float kernel_t[weights];              /* (36, C) */
+    float kernel_partial[batch * weights]; /* per image, (36, C) */
+    for (int64_t c = 0; c < MAP_CHANNELS; c++) {
+        for (int64_t k = 0; k < TAP_PHASES; k++) {
+            kernel_t[k * MAP_CHANNELS + c] = kernel[c * TAP_PHASES + k];
+        }
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
         /* Split the gradient into its four phases, zero where the output was cropped. */
-        float phases[4 * phase_h * phase_w];
+        float phases[4 * phase_h * phase_w], taps[TAP_PHASES * plane];
         for (int64_t i = 0; i < 4 * phase_h * phase_w; i++) {
             phases[i] = 0.0f;
         }
@@ -300,12 +495,55 @@ void stage_gather_positions(const float *restrict grad, float *restrict taps,
             }
         }
         partial[b] = float_sum(image, out_h * out_w);
+        /* the taps' gradient, as planes zero past the last position */
         for (int64_t k = 0; k < TAP_PHASES; k++) {
             const int64_t q1 = k / 12, q2 = (k / 4) % 3, r = k % 4;
-            float *dst = taps + (k * batch + b) * positions;
+            float *dst = taps + k * plane;
             for (int64_t h = 0; h < height; h++) {
                 copy_floats(dst + h * width, phases + (r * phase_h + h + q1) * phase_w + q2,
                             width);
+            }
+            for (int64_t p = positions; p < plane; p++) {
+                dst[p] = 0.0f;
+            }
+        }
+        /* the maps' gradient, channels-last: the taps' gradient times the kernel, for 4
+         * positions at a time */
+        float *maps_grad = active_grad + b * positions * MAP_CHANNELS;
+        for (int64_t p0 = 0; p0 < positions; p0 += 4) {
+            lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+            for (int64_t k = 0; k < TAP_PHASES; k++) {
+                for (int g = 0; g < CHANNEL_LANES; g++) {
+                    const lanes8 w = load8(kernel_t + k * MAP_CHANNELS + 8 * g);
+                    for (int i = 0; i < 4; i++) {
+                        sum[i][g] += taps[k * plane + p0 + i] * w;
+                    }
+                }
+            }
+            for (int i = 0; i < 4 && p0 + i < positions; i++) {
+                for (int g = 0; g < CHANNEL_LANES; g++) {
+                    store8(maps_grad + (p0 + i) * MAP_CHANNELS + 8 * g, sum[i][g]);
+                }
+            }
+        }
+        /* this image's share of the kernel's gradient, (36, C): the maps times the taps'
+         * gradient, summed over positions, for 4 taps at a time */
+        const float *maps = active + b * positions * MAP_CHANNELS;
+        for (int64_t k0 = 0; k0 < TAP_PHASES; k0 += 4) {
+            lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+            for (int64_t p = 0; p < positions; p++) {
+                for (int g = 0; g < CHANNEL_LANES; g++) {
+                    const lanes8 x = load8(maps + p * MAP_CHANNELS + 8 * g);
+                    for (int i = 0; i < 4; i++) {
+                        sum[i][g] += taps[(k0 + i) * plane + p] * x;
+                    }
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                for (int g = 0; g < CHANNEL_LANES; g++) {
+                    store8(kernel_partial + b * weights + (k0 + i) * MAP_CHANNELS + 8 * g,
+                           sum[i][g]);
+                }
             }
         }
     }
@@ -314,6 +552,19 @@ void stage_gather_positions(const float *restrict grad, float *restrict taps,
         sum += partial[b];
     }
     bias_grad[0] = (float)sum;
+    for (int64_t j = 0; j < weights; j++) {
+        kernel_sums[j] = 0.0;
+    }
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t j = 0; j < weights; j++) {
+            kernel_sums[j] += kernel_partial[b * weights + j];
+        }
+    }
+    for (int64_t k = 0; k < TAP_PHASES; k++) {
+        for (int64_t c = 0; c < MAP_CHANNELS; c++) {
+            kernel_grad[c * TAP_PHASES + k] = (float)kernel_sums[k * MAP_CHANNELS + c];
+        }
+    }
 }
 
 /*
@@ -446,14 +697,6 @@ void norm_relu_backward(const float *restrict grad_active, const float *restrict
  * first Hp rows and Wp columns of the pooled maps, at most (H - 2) / 2 and (W - 2) / 2.
  */
 #define FIRST_CHANNELS 32
-typedef float lanes8 __attribute__((vector_size(32))); /* 8 floats: AVX, or two SSE */
-
-static inline lanes8 load8(const float *p) {
-    lanes8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
 void conv_pool_relu(const float *restrict images, const float *restrict weight,
                     const float *restrict bias, float *restrict out, int64_t batch,
                     int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
