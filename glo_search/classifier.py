@@ -118,10 +118,10 @@ def _random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Te
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Return predicted labels (N,) for images (N, 1, 28, 28).
 
-    On one core of a 2-core AMD EPYC VM (Zen 4), chunks of 2,048 images took twice as
-    long as chunks of 32-128, because a small chunk's 32x26x26 first-layer maps stay in
-    cache. Chunks of 64 were 0-8% faster than chunks of 128 over repeated runs
-    (``benchmarks/speed.py classifier``).
+    On one core of a 2-core AMD EPYC VM (Zen 4), with only the first layer in C, chunks
+    of 2,048 images took twice as long as chunks of 32-128, because a small chunk's maps
+    stay in cache. With both convolutions in C, on a Zen 1 VM, chunks of 32 to 2,048 took
+    0.196-0.208 s for 1,350 images (``benchmarks/speed.py classifier``).
     """
     # The convolutions follow the layout of build()'s channels-last weights. Images of
     # other strides are copied to channels-last first (a no-op for a (N, 1, H, W) tensor).
@@ -132,36 +132,40 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tor
 
 
 def _native_forward(model: nn.Module, images: torch.Tensor):
-    """Return the classifier's forward pass with its first convolution, pooling and ReLU
-    as one C kernel (glo_search.native), or None where that kernel does not apply.
+    """Return the classifier's forward pass with each convolution, its pooling and ReLU
+    as one C kernel (glo_search.native), or None where those kernels do not apply.
 
-    The kernel keeps the 32x26x26 maps of the first layer out of memory. It computes only
-    the first 12x12 of the 13x13 pooled maps: the second convolution's 11x11 outputs
-    then shrink to the 10x10 that its 2x2 max-pool reads, with the same values. On one
-    core of a 2-core AMD EPYC VM, the whole classifier then took 0.070 s instead of
-    0.100 s on 1,350 images, in chunks of 64.
+    The kernels keep the 32x26x26 and 64x10x10 maps of the convolutions out of memory.
+    The first computes only the first 12x12 of the 13x13 pooled maps: the second
+    convolution's 11x11 outputs then shrink to the 10x10 that its 2x2 max-pool reads,
+    with the same values. On one core of a 2-core AMD EPYC VM (Zen 4), the first kernel
+    took the classifier from 0.100 s to 0.070 s on 1,350 images, in chunks of 64.
     """
     first = model.features[0] if type(model) is DigitClassifier else None
+    second = model.features[3] if first is not None else None
     usable = (
         first is not None
         and images.device.type == "cpu"
         and images.dtype == first.weight.dtype == torch.float32
         and images.shape[1:] == (1, 28, 28)
-        and first.out_channels == 32  # the kernel's channel count
+        and first.out_channels == 32  # the kernels' channel counts
+        and second.weight.shape == (64, 32, 3, 3)
     )
     lib = native.kernels() if usable else None
     if lib is None:
         return None
     channels = first.out_channels
     weight = first.weight.reshape(channels, 9).t().contiguous()  # (tap, channel)
-    rest = model.features[3:]
+    weight2 = second.weight.permute(2, 3, 1, 0).contiguous()  # (tap row, tap column, in, out)
 
     def forward(chunk: torch.Tensor) -> torch.Tensor:
         pooled = chunk.new_empty(len(chunk), 12, 12, channels)
         lib.conv_pool_relu(
             chunk.contiguous(), weight, first.bias, pooled, len(chunk), 28, 28, 12, 12
         )
-        return model.head(rest(pooled.permute(0, 3, 1, 2)))
+        maps = chunk.new_empty(len(chunk), 64, 5, 5)
+        lib.second_conv_pool_relu(pooled, weight2, second.bias, maps, len(chunk), 12, 12)
+        return model.head(maps)
 
     return forward
 

@@ -31,7 +31,8 @@ EVAL_BATCH = {"cpu": 32}
 DEFAULT_EVAL_BATCH = 4096
 # Images per reference-classifier call in evaluation, by device type. On one CPU core,
 # chunks of 64 classified the swaps 0-8% faster than chunks of 128 and twice as fast as
-# chunks of 2,048.
+# chunks of 2,048, before the second convolution became a C kernel; since then all
+# three take about as long (classifier.predict).
 CLASSIFIER_BATCH = {"cpu": 64}
 CHECKPOINT_FILE = "trainer.pt"
 

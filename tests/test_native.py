@@ -52,7 +52,7 @@ def _assert_near(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-@pytest.mark.parametrize("batch", [1, 9, 32])
+@pytest.mark.parametrize("batch", [1, 9, 32, 70])
 def test_native_step_matches_autograd_in_float64(loss, batch):
     reference, codes = _model(dtype=torch.float64)
     generator, native_codes = _model()
@@ -375,3 +375,13 @@ def test_classifier_predictions_equal_the_module_path():
         images[:50].contiguous(), weight, model.features[0].bias, pooled, 50, 28, 28, 13, 13
     )
     _assert_near(pooled.permute(0, 3, 1, 2), first_layer.double(), "first layer")
+
+    second = model.features[3]
+    with torch.inference_mode():
+        second_layer = model.features[5](model.features[4](second(first_layer)))
+    maps = torch.empty(50, 64, 5, 5)
+    native.kernels().second_conv_pool_relu(
+        pooled[:, :12, :12].contiguous(), second.weight.permute(2, 3, 1, 0).contiguous(),
+        second.bias, maps, 50, 12, 12,
+    )  # fmt: skip
+    _assert_near(maps, second_layer.double(), "second layer")

@@ -1,5 +1,5 @@
 """C kernels for the hand-written training step, decoding and the digit classifier's
-first layer, compiled on first use.
+convolutions, compiled on first use.
 
 :func:`kernels` compiles ``step_kernels.c`` with the machine's C compiler into the cache
 folder (``$GLO_SEARCH_CACHE/native``, else ``~/.cache/glo-search/native``) and loads it
@@ -72,6 +72,7 @@ SIGNATURES = {
     "norm_relu_forward": [_POINTER] * 8 + [_INT] * 3 + [_FLOAT] * 2,
     "norm_relu_backward": [_POINTER] * 9 + [_INT] * 3,
     "conv_pool_relu": [_POINTER] * 4 + [_INT] * 5,
+    "second_conv_pool_relu": [_POINTER] * 4 + [_INT] * 3,
 }
 
 

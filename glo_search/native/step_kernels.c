@@ -1,20 +1,20 @@
 /*
  * The hand-written training step's convolution stages, batch norm and loss
- * (glo_search/step.py), in C, and the digit classifier's first layer
+ * (glo_search/step.py), in C, and the digit classifier's convolutions
  * (glo_search/classifier.py).
  *
- * At a batch of 32 the stages' matrix products are small (16 channels in and out), and
- * through PyTorch each one writes its taps to memory, which further operations then sum,
- * interleave and normalize, each with a few microseconds of dispatch. Here each stage
+ * At a batch of 32 the stages' matrix products are small (16 channels in and out).
+ * Through PyTorch each one writes its taps to memory, and further operations, each with a
+ * few microseconds of dispatch, then sum, interleave and normalize them. Here each stage
  * runs as one pass per image: the products with vector multiply-adds, and the taps
  * summed into the output while they are in registers or cache. Only the linear layers'
  * products stay PyTorch's. glo_search/native/__init__.py compiles this file on first use.
  *
  * Every array is float32, contiguous, in the layout its comment gives. The work is split
  * by image (or by output column, for a kernel's gradient) over OpenMP threads (PyTorch's
- * own pool, whose size torch.set_num_threads sets). Sums over the batch are taken per
- * image and then added in image order in double, so results do not depend on the number
- * of threads.
+ * own pool, whose size torch.set_num_threads sets). A sum over the batch is either taken
+ * per image and the parts added in image order in double, or taken whole by one thread
+ * in image order. Either way results do not depend on the number of threads.
  *
  * Names used below: a stage upsamples an (H, W) map x2 and applies a transposed 5x5
  * convolution, computed as a 3x3 grid of taps q per output phase r (glo_search/kernels.py).
@@ -95,8 +95,8 @@ static double float_sum(const float *restrict x, int64_t n) {
 /*
  * Channels-last stage with MAP_CHANNELS channels in and out, as the generator's 5x5 -> 14x14
  * stage has. Each input pixel's tap (q1, q2) writes a 2x2 block of output pixels, one per
- * phase (r1, r2); the folded kernel holds that block's weights as 4 * MAP_CHANNELS floats
- * in a row, in the block's own order (top-left, top-right, bottom-left, bottom-right).
+ * phase (r1, r2). The folded kernel holds that block's weights as 4 * MAP_CHANNELS floats
+ * in a row, in the block's own order: top-left, top-right, bottom-left, bottom-right.
  * The products are taken in place, so the (B, H, W, 36, C) taps never reach memory.
  */
 #define MAP_CHANNELS 16 /* glo_search/native/__init__.py's MAP_CHANNELS */
@@ -339,6 +339,7 @@ static inline float sigmoid(float x) {
  * its 36 taps are 36 such planes. kernel (C, [q1 q2 r1 r2]) is the folded kernel.
  */
 #define PLANE_GROUP (2 * 8)
+#define IMAGE_GROUP 64 /* images per parallel pass where per-image sums wait on the stack */
 
 static inline int64_t plane_size(int64_t positions) {
     return (positions + PLANE_GROUP - 1) / PLANE_GROUP * PLANE_GROUP;
@@ -469,97 +470,101 @@ void stage_loss_backward(const float *restrict grad, const float *restrict activ
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
     const int64_t plane = plane_size(positions), weights = MAP_CHANNELS * TAP_PHASES;
-    double partial[batch], kernel_sums[weights];
-    float kernel_t[weights];              /* (36, C) */
-    float kernel_partial[batch * weights]; /* per image, (36, C) */
+    double bias_sum = 0.0, kernel_sums[weights];
+    float kernel_t[weights]; /* (36, C) */
     for (int64_t c = 0; c < MAP_CHANNELS; c++) {
         for (int64_t k = 0; k < TAP_PHASES; k++) {
             kernel_t[k * MAP_CHANNELS + c] = kernel[c * TAP_PHASES + k];
         }
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < batch; b++) {
-        /* Split the gradient into its four phases, zero where the output was cropped. */
-        float phases[4 * phase_h * phase_w], taps[TAP_PHASES * plane];
-        for (int64_t i = 0; i < 4 * phase_h * phase_w; i++) {
-            phases[i] = 0.0f;
-        }
-        const float *image = grad + b * out_h * out_w;
-        for (int64_t y = 0; y < out_h; y++) {
-            float *even = phases + ((y % 2 * 2) * phase_h + (y + pad) / 2) * phase_w;
-            float *odd = even + phase_h * phase_w;
-            const float *row = image + y * out_w;
-            for (int64_t j = 0; j < out_w / 2; j++) {
-                even[pad / 2 + j] = row[2 * j];
-                odd[pad / 2 + j] = row[2 * j + 1];
-            }
-        }
-        partial[b] = float_sum(image, out_h * out_w);
-        /* the taps' gradient, as planes zero past the last position */
-        for (int64_t k = 0; k < TAP_PHASES; k++) {
-            const int64_t q1 = k / 12, q2 = (k / 4) % 3, r = k % 4;
-            float *dst = taps + k * plane;
-            for (int64_t h = 0; h < height; h++) {
-                copy_floats(dst + h * width, phases + (r * phase_h + h + q1) * phase_w + q2,
-                            width);
-            }
-            for (int64_t p = positions; p < plane; p++) {
-                dst[p] = 0.0f;
-            }
-        }
-        /* the maps' gradient, channels-last: the taps' gradient times the kernel, for 4
-         * positions at a time */
-        float *maps_grad = active_grad + b * positions * MAP_CHANNELS;
-        for (int64_t p0 = 0; p0 < positions; p0 += 4) {
-            lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
-            for (int64_t k = 0; k < TAP_PHASES; k++) {
-                for (int g = 0; g < CHANNEL_LANES; g++) {
-                    const lanes8 w = load8(kernel_t + k * MAP_CHANNELS + 8 * g);
-                    for (int i = 0; i < 4; i++) {
-                        sum[i][g] += taps[k * plane + p0 + i] * w;
-                    }
-                }
-            }
-            for (int i = 0; i < 4 && p0 + i < positions; i++) {
-                for (int g = 0; g < CHANNEL_LANES; g++) {
-                    store8(maps_grad + (p0 + i) * MAP_CHANNELS + 8 * g, sum[i][g]);
-                }
-            }
-        }
-        /* this image's share of the kernel's gradient, (36, C): the maps times the taps'
-         * gradient, summed over positions, for 4 taps at a time */
-        const float *maps = active + b * positions * MAP_CHANNELS;
-        for (int64_t k0 = 0; k0 < TAP_PHASES; k0 += 4) {
-            lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
-            for (int64_t p = 0; p < positions; p++) {
-                for (int g = 0; g < CHANNEL_LANES; g++) {
-                    const lanes8 x = load8(maps + p * MAP_CHANNELS + 8 * g);
-                    for (int i = 0; i < 4; i++) {
-                        sum[i][g] += taps[(k0 + i) * plane + p] * x;
-                    }
-                }
-            }
-            for (int i = 0; i < 4; i++) {
-                for (int g = 0; g < CHANNEL_LANES; g++) {
-                    store8(kernel_partial + b * weights + (k0 + i) * MAP_CHANNELS + 8 * g,
-                           sum[i][g]);
-                }
-            }
-        }
-    }
-    double sum = 0.0;
-    for (int64_t b = 0; b < batch; b++) {
-        sum += partial[b];
-    }
-    bias_grad[0] = (float)sum;
     for (int64_t j = 0; j < weights; j++) {
         kernel_sums[j] = 0.0;
     }
-    for (int64_t b = 0; b < batch; b++) {
-        for (int64_t j = 0; j < weights; j++) {
-            kernel_sums[j] += kernel_partial[b * weights + j];
+    /* Images go in groups, so that their shares of the sums fit on the stack whatever the
+     * batch size; the shares are added in image order. */
+    for (int64_t first = 0; first < batch; first += IMAGE_GROUP) {
+        const int64_t count = batch - first < IMAGE_GROUP ? batch - first : IMAGE_GROUP;
+        double partial[IMAGE_GROUP];
+        float kernel_partial[IMAGE_GROUP * weights]; /* per image, (36, C) */
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < count; n++) {
+            const int64_t b = first + n;
+            /* Split the gradient into its four phases, zero where the output was cropped. */
+            float phases[4 * phase_h * phase_w], taps[TAP_PHASES * plane];
+            for (int64_t i = 0; i < 4 * phase_h * phase_w; i++) {
+                phases[i] = 0.0f;
+            }
+            const float *image = grad + b * out_h * out_w;
+            for (int64_t y = 0; y < out_h; y++) {
+                float *even = phases + ((y % 2 * 2) * phase_h + (y + pad) / 2) * phase_w;
+                float *odd = even + phase_h * phase_w;
+                const float *row = image + y * out_w;
+                for (int64_t j = 0; j < out_w / 2; j++) {
+                    even[pad / 2 + j] = row[2 * j];
+                    odd[pad / 2 + j] = row[2 * j + 1];
+                }
+            }
+            partial[n] = float_sum(image, out_h * out_w);
+            /* the taps' gradient, as planes zero past the last position */
+            for (int64_t k = 0; k < TAP_PHASES; k++) {
+                const int64_t q1 = k / 12, q2 = (k / 4) % 3, r = k % 4;
+                float *dst = taps + k * plane;
+                for (int64_t h = 0; h < height; h++) {
+                    copy_floats(dst + h * width, phases + (r * phase_h + h + q1) * phase_w + q2,
+                                width);
+                }
+                for (int64_t p = positions; p < plane; p++) {
+                    dst[p] = 0.0f;
+                }
+            }
+            /* the maps' gradient, channels-last: the taps' gradient times the kernel, for 4
+             * positions at a time */
+            float *maps_grad = active_grad + b * positions * MAP_CHANNELS;
+            for (int64_t p0 = 0; p0 < positions; p0 += 4) {
+                lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+                for (int64_t k = 0; k < TAP_PHASES; k++) {
+                    for (int g = 0; g < CHANNEL_LANES; g++) {
+                        const lanes8 w = load8(kernel_t + k * MAP_CHANNELS + 8 * g);
+                        for (int i = 0; i < 4; i++) {
+                            sum[i][g] += taps[k * plane + p0 + i] * w;
+                        }
+                    }
+                }
+                for (int i = 0; i < 4 && p0 + i < positions; i++) {
+                    for (int g = 0; g < CHANNEL_LANES; g++) {
+                        store8(maps_grad + (p0 + i) * MAP_CHANNELS + 8 * g, sum[i][g]);
+                    }
+                }
+            }
+            /* this image's share of the kernel's gradient, (36, C): the maps times the taps'
+             * gradient, summed over positions, for 4 taps at a time */
+            const float *maps = active + b * positions * MAP_CHANNELS;
+            for (int64_t k0 = 0; k0 < TAP_PHASES; k0 += 4) {
+                lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+                for (int64_t p = 0; p < positions; p++) {
+                    for (int g = 0; g < CHANNEL_LANES; g++) {
+                        const lanes8 x = load8(maps + p * MAP_CHANNELS + 8 * g);
+                        for (int i = 0; i < 4; i++) {
+                            sum[i][g] += taps[(k0 + i) * plane + p] * x;
+                        }
+                    }
+                }
+                for (int i = 0; i < 4; i++) {
+                    for (int g = 0; g < CHANNEL_LANES; g++) {
+                        store8(kernel_partial + n * weights + (k0 + i) * MAP_CHANNELS + 8 * g,
+                               sum[i][g]);
+                    }
+                }
+            }
+        }
+        for (int64_t n = 0; n < count; n++) {
+            bias_sum += partial[n];
+            for (int64_t j = 0; j < weights; j++) {
+                kernel_sums[j] += kernel_partial[n * weights + j];
+            }
         }
     }
+    bias_grad[0] = (float)bias_sum;
     for (int64_t k = 0; k < TAP_PHASES; k++) {
         for (int64_t c = 0; c < MAP_CHANNELS; c++) {
             kernel_grad[c * TAP_PHASES + k] = (float)kernel_sums[k * MAP_CHANNELS + c];
@@ -739,6 +744,64 @@ void conv_pool_relu(const float *restrict images, const float *restrict weight,
                 float *dst = out + ((b * pooled_h + py) * pooled_w + px) * FIRST_CHANNELS;
                 for (int c = 0; c < FIRST_CHANNELS; c++) {
                     dst[c] = best[c] > 0.0f ? best[c] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/*
+ * The reference classifier's second layer: a 3x3 convolution from SECOND_IN channels to
+ * SECOND_OUT, a 2x2 max-pool and ReLU. in (B, H, W, SECOND_IN) channels-last, weight
+ * (3, 3, SECOND_IN, SECOND_OUT) [tap row][tap column][in][out], bias (SECOND_OUT) ->
+ * out (B, SECOND_OUT, Hp, Wp), Hp = (H - 2) / 2 and Wp = (W - 2) / 2: the layout that the
+ * classifier's flattening reads. The max-pool takes each window's largest sum before the
+ * bias, which adds the same to all four.
+ */
+#define SECOND_IN 32
+#define SECOND_OUT 64
+#define OUT_GROUP 16 /* output channels whose sums stay in registers */
+
+void second_conv_pool_relu(const float *restrict in, const float *restrict weight,
+                           const float *restrict bias, float *restrict out, int64_t batch,
+                           int64_t height, int64_t width) {
+    const int64_t pooled_h = (height - 2) / 2, pooled_w = (width - 2) / 2;
+    const int64_t pooled = pooled_h * pooled_w;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        const float *image = in + b * height * width * SECOND_IN;
+        float *maps = out + b * SECOND_OUT * pooled;
+        for (int64_t py = 0; py < pooled_h; py++) {
+            for (int64_t px = 0; px < pooled_w; px++) {
+                for (int64_t g = 0; g < SECOND_OUT; g += OUT_GROUP) {
+                    /* the sums of the pooling window's four pixels, for 16 channels */
+                    lanes8 sum[4][OUT_GROUP / 8] = {{{0}}};
+                    for (int64_t t = 0; t < 9; t++) {
+                        const float *pixel[4];
+                        for (int d = 0; d < 4; d++) {
+                            const int64_t y = 2 * py + d / 2 + t / 3, x = 2 * px + d % 2 + t % 3;
+                            pixel[d] = image + (y * width + x) * SECOND_IN;
+                        }
+                        const float *w = weight + t * SECOND_IN * SECOND_OUT + g;
+                        for (int c = 0; c < SECOND_IN; c++) {
+                            for (int h = 0; h < OUT_GROUP / 8; h++) {
+                                const lanes8 wv = load8(w + c * SECOND_OUT + 8 * h);
+                                for (int d = 0; d < 4; d++) {
+                                    sum[d][h] += pixel[d][c] * wv;
+                                }
+                            }
+                        }
+                    }
+                    float values[4][OUT_GROUP];
+                    memcpy(values, sum, sizeof values);
+                    for (int c = 0; c < OUT_GROUP; c++) {
+                        float best = values[0][c];
+                        for (int d = 1; d < 4; d++) {
+                            best = values[d][c] > best ? values[d][c] : best;
+                        }
+                        best += bias[g + c];
+                        maps[(g + c) * pooled + py * pooled_w + px] = best > 0.0f ? best : 0.0f;
+                    }
                 }
             }
         }
