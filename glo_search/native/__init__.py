@@ -226,7 +226,7 @@ def _taking_tensors(function: Callable) -> Callable:
 def _fall_back(reason: str) -> None:
     logger.warning(
         "%s; training, decoding and the digit classifier run in PyTorch operations instead "
-        "(training about 1.6-1.8x slower)",
+        "(training about 1.6-2.1x slower)",
         reason,
     )
 
