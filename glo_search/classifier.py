@@ -145,7 +145,7 @@ def _native_forward(model: nn.Module, images: torch.Tensor):
     second = model.features[3] if first is not None else None
     usable = (
         first is not None
-        and images.device.type == "cpu"
+        and images.device.type == first.weight.device.type == "cpu"
         and images.dtype == first.weight.dtype == torch.float32
         and images.shape[1:] == (1, 28, 28)
         and first.out_channels == 32  # the kernels' channel counts

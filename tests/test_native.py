@@ -338,6 +338,44 @@ def test_trainers_with_and_without_kernels_learn_alike(small_dataset):
         assert change < 1e-2, f"{name} differs by {change:.2g} of its norm"
 
 
+def test_odd_pad_raises_value_error():
+    maps5 = torch.zeros(1, 5, 5, 16)
+    with pytest.raises(ValueError, match="invalid odd pad"):
+        native.kernels().stage_forward(
+            maps5, torch.zeros(16, 576), torch.zeros(16), torch.empty(1, 12, 12, 16),
+            None, None, 1, 5, 5, 1,
+        )  # fmt: skip
+
+
+STEP_ON_A_SMALL_STACK = """
+import resource, torch
+from glo_search.model import GloGenerator, LatentCodes
+from glo_search.step import GloStep
+torch.set_num_threads(2)
+batch = 3000
+generator = GloGenerator(5, 7).train()
+codes = LatentCodes(batch, 10, 7, 5, torch.Generator().manual_seed(1))
+step = GloStep(generator, codes, "l1+l2")
+assert step.kernels is not None
+resource.setrlimit(resource.RLIMIT_STACK, (512 * 1024, resource.RLIM_INFINITY))
+labels = torch.randint(0, 10, (batch,))
+loss = step(torch.arange(batch), labels, torch.rand(batch, 1, 28, 28), None, 0.0)
+print(float(loss))
+"""
+
+
+def test_large_batch_fits_a_small_stack():
+    # Sums per image grow with the batch: on the stack, a batch of 3,000 needed 768 KiB
+    # in norm_relu_backward alone. OMP_STACKSIZE gives the OpenMP threads the same limit.
+    environment = {**os.environ, "OMP_STACKSIZE": "512K"}
+    result = subprocess.run(
+        [sys.executable, "-c", STEP_ON_A_SMALL_STACK],
+        capture_output=True, text=True, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) > 0
+
+
 def test_float64_and_unsupported_models_keep_the_pytorch_step():
     generator, codes = _model(dtype=torch.float64)
     assert GloStep(generator, codes, "l1").kernels is None

@@ -56,6 +56,9 @@ FLAGS = [
 OPENMP = "-fopenmp"
 # Channels of the maps that the convolution stages take, fixed in step_kernels.c.
 MAP_CHANNELS = 16
+# Status codes that the kernels return besides 0, as step_kernels.c defines them.
+NO_MEMORY = 1
+ODD_PAD = 2
 ENV_SWITCH = "GLO_SEARCH_NATIVE"  # one of OFF_VALUES turns the C kernels off
 OFF_VALUES = ("0", "false", "no", "off")
 BUILD_TIMEOUT_S = 120
@@ -212,13 +215,21 @@ class Kernels:
         for name, arguments in SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes = arguments
-            function.restype = None
-            setattr(self, name, _taking_tensors(function))
+            function.restype = ctypes.c_int
+            setattr(self, name, _taking_tensors(name, function))
 
 
-def _taking_tensors(function: Callable) -> Callable:
-    def call(*args):
-        return function(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+def _taking_tensors(name: str, function: Callable) -> Callable:
+    def call(*args) -> None:
+        status = function(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+        if status == NO_MEMORY:
+            raise MemoryError(
+                f"C kernel {name}: out of memory for its per-image sums; try a smaller batch_size"
+            )
+        if status == ODD_PAD:
+            raise ValueError(f"C kernel {name}: invalid odd pad; the stages take an even pad")
+        if status != 0:
+            raise RuntimeError(f"C kernel {name} failed with status {status}")
 
     return call
 

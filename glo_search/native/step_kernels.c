@@ -11,10 +11,15 @@
  * products stay PyTorch's. glo_search/native/__init__.py compiles this file on first use.
  *
  * Every array is float32, contiguous, in the layout its comment gives. The work is split
- * by image (or by output column, for a kernel's gradient) over OpenMP threads (PyTorch's
- * own pool, whose size torch.set_num_threads sets). A sum over the batch is either taken
- * per image and the parts added in image order in double, or taken whole by one thread
- * in image order. Either way results do not depend on the number of threads.
+ * by image over OpenMP threads (PyTorch's own pool, whose size torch.set_num_threads
+ * sets), or by output column for the 14x14 stage's kernel gradient. A sum over the batch
+ * is taken per image, or per group of IMAGE_GROUP images by one thread, and the parts
+ * are added in image order in double. Results therefore do not depend on the number of
+ * threads.
+ *
+ * Each kernel returns 0, or one of the codes below; glo_search/native/__init__.py raises
+ * them as Python errors. Arrays whose size grows with the batch live on the heap, so that
+ * no batch size overflows a thread's stack.
  *
  * Names used below: a stage upsamples an (H, W) map x2 and applies a transposed 5x5
  * convolution, computed as a 3x3 grid of taps q per output phase r (glo_search/kernels.py).
@@ -26,11 +31,16 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TAPS 3
 #define TAP_PHASES (TAPS * TAPS * 4) /* (q1, q2, r1, r2) */
 #define LANES 16 /* partial sums kept apart, so that the loops summing floats vectorize */
+#define KERNEL_OK 0
+#define KERNEL_NO_MEMORY 1 /* malloc failed */
+#define KERNEL_ODD_PAD 2   /* the stages take an even pad only */
+#define IMAGE_GROUP 64 /* images per group, whose sums are kept apart before going into double */
 
 static inline int64_t out_size(int64_t size, int64_t pad) { return 2 * (size + 2) - 2 * pad; }
 
@@ -132,7 +142,7 @@ static inline const float *tap_block(const float *image, int64_t h, int64_t w, i
  * shift (C) given, out then becomes max(0, out * gain + shift): batch norm with fixed
  * statistics and ReLU, for decoding.
  */
-void stage_forward(const float *restrict x, const float *restrict kernel,
+int stage_forward(const float *restrict x, const float *restrict kernel,
                    const float *restrict bias, float *restrict out, const float *restrict gain,
                    const float *restrict shift, int64_t batch, int64_t height, int64_t width,
                    int64_t pad) {
@@ -140,6 +150,9 @@ void stage_forward(const float *restrict x, const float *restrict kernel,
     const int64_t size = out_h * out_w * MAP_CHANNELS, row = out_w * MAP_CHANNELS;
     const int64_t positions = height * width;
     const float zeros[MAP_CHANNELS] = {0};
+    if (pad % 2) {
+        return KERNEL_ODD_PAD;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
         float *image = out + b * size;
@@ -197,6 +210,7 @@ void stage_forward(const float *restrict x, const float *restrict kernel,
             }
         }
     }
+    return KERNEL_OK;
 }
 
 /*
@@ -204,15 +218,22 @@ void stage_forward(const float *restrict x, const float *restrict kernel,
  * x_grad (B, H, W, C), the input's; kernel_grad (C, [q1 q2 r1 r2 c]), the folded
  * kernel's; bias_grad (C), the sum over output pixels.
  */
-void stage_backward(const float *restrict grad, const float *restrict x,
+int stage_backward(const float *restrict grad, const float *restrict x,
                     const float *restrict kernel, float *restrict kernel_grad,
                     float *restrict x_grad, float *restrict bias_grad, int64_t batch,
                     int64_t height, int64_t width, int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t size = out_h * out_w * MAP_CHANNELS, row = out_w * MAP_CHANNELS;
     const int64_t columns = TAP_PHASES * MAP_CHANNELS;
-    double partial[batch * MAP_CHANNELS], sums[MAP_CHANNELS];
+    double sums[MAP_CHANNELS];
     float kernel_t[TAP_PHASES * MAP_CHANNELS * MAP_CHANNELS]; /* (36 C, C) */
+    if (pad % 2) {
+        return KERNEL_ODD_PAD;
+    }
+    double *partial = malloc(sizeof(double) * batch * MAP_CHANNELS);
+    if (partial == NULL) {
+        return KERNEL_NO_MEMORY;
+    }
     for (int64_t j = 0; j < columns; j++) {
         for (int64_t c = 0; c < MAP_CHANNELS; c++) {
             kernel_t[j * MAP_CHANNELS + c] = kernel[c * columns + j];
@@ -263,49 +284,63 @@ void stage_backward(const float *restrict grad, const float *restrict x,
             column_sums(partial + b * MAP_CHANNELS, image, out_h * out_w, MAP_CHANNELS);
         }
         /* kernel_grad: per tap-phase k, the sum over input pixels of x times the gradient
-         * of k's output pixel. Each thread takes whole columns and sums them in the same
-         * order, so the result does not depend on the number of threads. */
+         * of k's output pixel, in float over each group of images and in double across
+         * groups. Each thread takes whole columns and sums them in the same order, so the
+         * result does not depend on the number of threads. */
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < TAP_PHASES; k++) {
             const int64_t t = k / 4, r1 = (k / 2) % 2, r2 = k % 2;
             for (int64_t c0 = 0; c0 < MAP_CHANNELS; c0 += 4) {
-                lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+                double total[4][MAP_CHANNELS] = {{0}};
                 const float *in = x + c0;
-                for (int64_t b = 0; b < batch; b++) {
-                    for (int64_t h = 0; h < height; h++) {
-                        for (int64_t w = 0; w < width; w++, in += MAP_CHANNELS) {
-                            const float *block =
-                                tap_block(grad + b * size, h, w, t, out_h, out_w, pad);
-                            if (block == NULL) {
-                                continue;
-                            }
-                            const float *pixel = block + r1 * row + r2 * MAP_CHANNELS;
-                            for (int g = 0; g < CHANNEL_LANES; g++) {
-                                const lanes8 value = load8(pixel + 8 * g);
-                                for (int i = 0; i < 4; i++) {
-                                    sum[i][g] += in[i] * value;
+                for (int64_t first = 0; first < batch; first += IMAGE_GROUP) {
+                    lanes8 sum[4][CHANNEL_LANES] = {{{0}}};
+                    const int64_t last = first + IMAGE_GROUP < batch ? first + IMAGE_GROUP : batch;
+                    for (int64_t b = first; b < last; b++) {
+                        for (int64_t h = 0; h < height; h++) {
+                            for (int64_t w = 0; w < width; w++, in += MAP_CHANNELS) {
+                                const float *block =
+                                    tap_block(grad + b * size, h, w, t, out_h, out_w, pad);
+                                if (block == NULL) {
+                                    continue;
+                                }
+                                const float *pixel = block + r1 * row + r2 * MAP_CHANNELS;
+                                for (int g = 0; g < CHANNEL_LANES; g++) {
+                                    const lanes8 value = load8(pixel + 8 * g);
+                                    for (int i = 0; i < 4; i++) {
+                                        sum[i][g] += in[i] * value;
+                                    }
                                 }
                             }
                         }
                     }
+                    float values[4][MAP_CHANNELS];
+                    memcpy(values, sum, sizeof values);
+                    for (int i = 0; i < 4; i++) {
+                        for (int c = 0; c < MAP_CHANNELS; c++) {
+                            total[i][c] += values[i][c];
+                        }
+                    }
                 }
                 for (int i = 0; i < 4; i++) {
-                    for (int g = 0; g < CHANNEL_LANES; g++) {
-                        store8(kernel_grad + (c0 + i) * columns + k * MAP_CHANNELS + 8 * g,
-                               sum[i][g]);
+                    for (int c = 0; c < MAP_CHANNELS; c++) {
+                        kernel_grad[(c0 + i) * columns + k * MAP_CHANNELS + c] =
+                            (float)total[i][c];
                     }
                 }
             }
         }
     }
     add_partials(sums, partial, batch, MAP_CHANNELS);
+    free(partial);
     for (int64_t c = 0; c < MAP_CHANNELS; c++) {
         bias_grad[c] = (float)sums[c];
     }
+    return KERNEL_OK;
 }
 
 /* exp(x) for x <= 0, written so that loops over it vectorize. Its relative error was at
- * most 8.2e-8 (1.4 units in the last place) against double exp on a 1e-4 grid of [-87, 0]. */
+ * most 8.3e-8 (1.0 unit in the last place) against double exp on a 1e-4 grid of [-87, 0]. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     /* n = x / ln 2 rounded to the nearest integer: adding 1.5 * 2^23 drops the fraction */
@@ -339,7 +374,6 @@ static inline float sigmoid(float x) {
  * its 36 taps are 36 such planes. kernel (C, [q1 q2 r1 r2]) is the folded kernel.
  */
 #define PLANE_GROUP (2 * 8)
-#define IMAGE_GROUP 64 /* images per parallel pass where per-image sums wait on the stack */
 
 static inline int64_t plane_size(int64_t positions) {
     return (positions + PLANE_GROUP - 1) / PLANE_GROUP * PLANE_GROUP;
@@ -391,7 +425,7 @@ static void plane_product(float *restrict out, const float *restrict weights, in
  * With targets NULL, grad receives the outputs (the sigmoid of the logits) and sums is
  * left alone: the stage's forward pass alone, for decoding.
  */
-void stage_loss(const float *restrict active, const float *restrict kernel,
+int stage_loss(const float *restrict active, const float *restrict kernel,
                 const float *restrict bias, const float *restrict targets,
                 float *restrict grad, double *restrict sums, int64_t batch, int64_t height,
                 int64_t width, int64_t pad, float sign_weight, float linear_weight,
@@ -400,7 +434,13 @@ void stage_loss(const float *restrict active, const float *restrict kernel,
     const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
     const int64_t pixels = out_h * out_w, plane = plane_size(positions);
     const float sign_factor = sign_weight / scale, linear_factor = linear_weight / scale;
-    double abs_sums[batch], square_sums[batch];
+    if (pad % 2) {
+        return KERNEL_ODD_PAD;
+    }
+    double *abs_sums = malloc(sizeof(double) * 2 * batch), *square_sums = abs_sums + batch;
+    if (abs_sums == NULL) {
+        return KERNEL_NO_MEMORY;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
         float planes[MAP_CHANNELS * plane], taps[TAP_PHASES * plane];
@@ -447,15 +487,16 @@ void stage_loss(const float *restrict active, const float *restrict kernel,
         abs_sums[b] = float_sum(logits, pixels);
         square_sums[b] = float_sum(squares, pixels);
     }
-    if (targets == NULL) {
-        return;
+    if (targets != NULL) {
+        sums[0] = 0.0;
+        sums[1] = 0.0;
+        for (int64_t b = 0; b < batch; b++) {
+            sums[0] += abs_sums[b];
+            sums[1] += square_sums[b];
+        }
     }
-    sums[0] = 0.0;
-    sums[1] = 0.0;
-    for (int64_t b = 0; b < batch; b++) {
-        sums[0] += abs_sums[b];
-        sums[1] += square_sums[b];
-    }
+    free(abs_sums);
+    return KERNEL_OK;
 }
 
 /*
@@ -463,7 +504,7 @@ void stage_loss(const float *restrict active, const float *restrict kernel,
  * active_grad (B, H, W, C), the maps'; kernel_grad (C, 36), the folded kernel's;
  * bias_grad (1), the sum over pixels.
  */
-void stage_loss_backward(const float *restrict grad, const float *restrict active,
+int stage_loss_backward(const float *restrict grad, const float *restrict active,
                          const float *restrict kernel, float *restrict kernel_grad,
                          float *restrict active_grad, float *restrict bias_grad,
                          int64_t batch, int64_t height, int64_t width, int64_t pad) {
@@ -472,6 +513,9 @@ void stage_loss_backward(const float *restrict grad, const float *restrict activ
     const int64_t plane = plane_size(positions), weights = MAP_CHANNELS * TAP_PHASES;
     double bias_sum = 0.0, kernel_sums[weights];
     float kernel_t[weights]; /* (36, C) */
+    if (pad % 2) {
+        return KERNEL_ODD_PAD;
+    }
     for (int64_t c = 0; c < MAP_CHANNELS; c++) {
         for (int64_t k = 0; k < TAP_PHASES; k++) {
             kernel_t[k * MAP_CHANNELS + c] = kernel[c * TAP_PHASES + k];
@@ -570,6 +614,7 @@ void stage_loss_backward(const float *restrict grad, const float *restrict activ
             kernel_grad[c * TAP_PHASES + k] = (float)kernel_sums[k * MAP_CHANNELS + c];
         }
     }
+    return KERNEL_OK;
 }
 
 /*
@@ -578,13 +623,17 @@ void stage_loss_backward(const float *restrict grad, const float *restrict activ
  * batch; running_mean and running_var (C) move by momentum, the variance unbiased, as
  * torch.nn.BatchNorm2d does.
  */
-void norm_relu_forward(const float *restrict x, const float *restrict weight,
+int norm_relu_forward(const float *restrict x, const float *restrict weight,
                        const float *restrict bias, float *restrict running_mean,
                        float *restrict running_var, float *restrict active, float *restrict mean,
                        float *restrict invstd, int64_t batch, int64_t pixels, int64_t channels,
                        float momentum, float eps) {
     const int64_t rows = batch * pixels, size = pixels * channels;
-    double partial[batch * channels], means[channels], squares[channels];
+    double means[channels], squares[channels];
+    double *partial = malloc(sizeof(double) * batch * channels);
+    if (partial == NULL) {
+        return KERNEL_NO_MEMORY;
+    }
     float shift[channels], gain[channels];
 #pragma omp parallel
     {
@@ -636,20 +685,26 @@ void norm_relu_forward(const float *restrict x, const float *restrict weight,
             }
         }
     }
+    free(partial);
+    return KERNEL_OK;
 }
 
 /*
  * Backward of norm_relu_forward: grad_active (B, P, C) -> grad_x (B, P, C), and the
  * gradients of the norm's weight and bias (C).
  */
-void norm_relu_backward(const float *restrict grad_active, const float *restrict active,
+int norm_relu_backward(const float *restrict grad_active, const float *restrict active,
                         const float *restrict x, const float *restrict mean,
                         const float *restrict invstd, const float *restrict weight,
                         float *restrict grad_x, float *restrict weight_grad,
                         float *restrict bias_grad, int64_t batch, int64_t pixels,
                         int64_t channels) {
     const int64_t rows = batch * pixels, size = pixels * channels;
-    double partial[2 * batch * channels], sums[channels], products[channels];
+    double sums[channels], products[channels];
+    double *partial = malloc(sizeof(double) * 2 * batch * channels);
+    if (partial == NULL) {
+        return KERNEL_NO_MEMORY;
+    }
     float scale[channels], offset[channels], slope[channels];
 #pragma omp parallel
     {
@@ -693,6 +748,8 @@ void norm_relu_backward(const float *restrict grad_active, const float *restrict
             }
         }
     }
+    free(partial);
+    return KERNEL_OK;
 }
 
 /*
@@ -702,7 +759,7 @@ void norm_relu_backward(const float *restrict grad_active, const float *restrict
  * first Hp rows and Wp columns of the pooled maps, at most (H - 2) / 2 and (W - 2) / 2.
  */
 #define FIRST_CHANNELS 32
-void conv_pool_relu(const float *restrict images, const float *restrict weight,
+int conv_pool_relu(const float *restrict images, const float *restrict weight,
                     const float *restrict bias, float *restrict out, int64_t batch,
                     int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
     enum { GROUPS = FIRST_CHANNELS / 8 };
@@ -748,6 +805,7 @@ void conv_pool_relu(const float *restrict images, const float *restrict weight,
             }
         }
     }
+    return KERNEL_OK;
 }
 
 /*
@@ -762,7 +820,7 @@ void conv_pool_relu(const float *restrict images, const float *restrict weight,
 #define SECOND_OUT 64
 #define OUT_GROUP 16 /* output channels whose sums stay in registers */
 
-void second_conv_pool_relu(const float *restrict in, const float *restrict weight,
+int second_conv_pool_relu(const float *restrict in, const float *restrict weight,
                            const float *restrict bias, float *restrict out, int64_t batch,
                            int64_t height, int64_t width) {
     const int64_t pooled_h = (height - 2) / 2, pooled_w = (width - 2) / 2;
@@ -806,4 +864,5 @@ void second_conv_pool_relu(const float *restrict in, const float *restrict weigh
             }
         }
     }
+    return KERNEL_OK;
 }
