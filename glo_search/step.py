@@ -15,9 +15,8 @@ The step and :func:`decode` run the convolution stages, batch norm and the loss 
 C kernels of :mod:`glo_search.native`, on float32 tensors in CPU memory. Each stage is
 one pass per image that sums its products into the output while they are in cache.
 PyTorch would write them to memory and read them back in a run of small tensor
-operations. The linear layers stay PyTorch's. Without the kernels (no C
-compiler, ``GLO_SEARCH_NATIVE=0``, float64) the same computation runs in PyTorch
-operations.
+operations. The linear layers stay PyTorch's. Without the kernels (no C compiler,
+``GLO_SEARCH_NATIVE=0``, float64) the same computation runs in PyTorch operations.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("step_kernels.c")
 # -fno-trapping-math lets loops that choose between values (the sigmoid, ReLU) use
-# vector instructions; -ffp-contract=fast lets a * b + c become one multiply-add, which
+# vector instructions. -ffp-contract=fast lets a * b + c become one multiply-add, which
 # -std=c11 otherwise forbids.
 FLAGS = [
     "-O3",
@@ -224,10 +224,10 @@ def _taking_tensors(name: str, function: Callable) -> Callable:
         status = function(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
         if status == NO_MEMORY:
             raise MemoryError(
-                f"C kernel {name}: out of memory for its per-image sums; try a smaller batch_size"
+                f"C kernel {name}: out of memory for its per-image sums, try a smaller batch_size"
             )
         if status == ODD_PAD:
-            raise ValueError(f"C kernel {name}: invalid odd pad; the stages take an even pad")
+            raise ValueError(f"C kernel {name}: invalid odd pad, the stages take an even pad only")
         if status != 0:
             raise RuntimeError(f"C kernel {name} failed with status {status}")
 

@@ -143,9 +143,9 @@ static inline const float *tap_block(const float *image, int64_t h, int64_t w, i
  * statistics and ReLU, for decoding.
  */
 int stage_forward(const float *restrict x, const float *restrict kernel,
-                   const float *restrict bias, float *restrict out, const float *restrict gain,
-                   const float *restrict shift, int64_t batch, int64_t height, int64_t width,
-                   int64_t pad) {
+                  const float *restrict bias, float *restrict out, const float *restrict gain,
+                  const float *restrict shift, int64_t batch, int64_t height, int64_t width,
+                  int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t size = out_h * out_w * MAP_CHANNELS, row = out_w * MAP_CHANNELS;
     const int64_t positions = height * width;
@@ -214,14 +214,14 @@ int stage_forward(const float *restrict x, const float *restrict kernel,
 }
 
 /*
- * Backward of stage_forward, from grad (B, Ho, Wo, C), the output's gradient:
- * x_grad (B, H, W, C), the input's; kernel_grad (C, [q1 q2 r1 r2 c]), the folded
- * kernel's; bias_grad (C), the sum over output pixels.
+ * Backward of stage_forward, from grad (B, Ho, Wo, C), the output's gradient. Writes
+ * x_grad (B, H, W, C), the input's gradient, kernel_grad (C, [q1 q2 r1 r2 c]), the folded
+ * kernel's, and bias_grad (C), the sum over output pixels.
  */
 int stage_backward(const float *restrict grad, const float *restrict x,
-                    const float *restrict kernel, float *restrict kernel_grad,
-                    float *restrict x_grad, float *restrict bias_grad, int64_t batch,
-                    int64_t height, int64_t width, int64_t pad) {
+                   const float *restrict kernel, float *restrict kernel_grad,
+                   float *restrict x_grad, float *restrict bias_grad, int64_t batch,
+                   int64_t height, int64_t width, int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t size = out_h * out_w * MAP_CHANNELS, row = out_w * MAP_CHANNELS;
     const int64_t columns = TAP_PHASES * MAP_CHANNELS;
@@ -390,9 +390,9 @@ static void to_planes(float *restrict planes, const float *restrict maps, int64_
 }
 
 /*
- * out (rows, plane) = weights^T times planes (C, plane), where weights is (C, rows) with
- * rows a multiple of 4, one row per tap or per channel: column blocks of 4 by 2 * 8
- * positions, each a sum over the C channels.
+ * out (rows, plane) = weights^T times planes (inner, plane), where weights is
+ * (inner, rows) and rows is a multiple of 4. It works in blocks of 4 rows by PLANE_GROUP
+ * positions, whose sums stay in registers.
  */
 static void plane_product(float *restrict out, const float *restrict weights, int64_t rows,
                           const float *restrict planes, int64_t inner, int64_t plane) {
@@ -426,10 +426,10 @@ static void plane_product(float *restrict out, const float *restrict weights, in
  * left alone: the stage's forward pass alone, for decoding.
  */
 int stage_loss(const float *restrict active, const float *restrict kernel,
-                const float *restrict bias, const float *restrict targets,
-                float *restrict grad, double *restrict sums, int64_t batch, int64_t height,
-                int64_t width, int64_t pad, float sign_weight, float linear_weight,
-                float scale) {
+               const float *restrict bias, const float *restrict targets,
+               float *restrict grad, double *restrict sums, int64_t batch, int64_t height,
+               int64_t width, int64_t pad, float sign_weight, float linear_weight,
+               float scale) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
     const int64_t pixels = out_h * out_w, plane = plane_size(positions);
@@ -500,14 +500,14 @@ int stage_loss(const float *restrict active, const float *restrict kernel,
 }
 
 /*
- * Backward of stage_loss's stage, from grad (B, Ho, Wo), the logits' gradient:
- * active_grad (B, H, W, C), the maps'; kernel_grad (C, 36), the folded kernel's;
- * bias_grad (1), the sum over pixels.
+ * Backward of stage_loss's stage, from grad (B, Ho, Wo), the logits' gradient. Writes
+ * active_grad (B, H, W, C), the maps' gradient, kernel_grad (C, 36), the folded kernel's,
+ * and bias_grad (1), the sum over pixels.
  */
 int stage_loss_backward(const float *restrict grad, const float *restrict active,
-                         const float *restrict kernel, float *restrict kernel_grad,
-                         float *restrict active_grad, float *restrict bias_grad,
-                         int64_t batch, int64_t height, int64_t width, int64_t pad) {
+                        const float *restrict kernel, float *restrict kernel_grad,
+                        float *restrict active_grad, float *restrict bias_grad,
+                        int64_t batch, int64_t height, int64_t width, int64_t pad) {
     const int64_t out_h = out_size(height, pad), out_w = out_size(width, pad);
     const int64_t phase_h = height + 2, phase_w = width + 2, positions = height * width;
     const int64_t plane = plane_size(positions), weights = MAP_CHANNELS * TAP_PHASES;
@@ -525,7 +525,7 @@ int stage_loss_backward(const float *restrict grad, const float *restrict active
         kernel_sums[j] = 0.0;
     }
     /* Images go in groups, so that their shares of the sums fit on the stack whatever the
-     * batch size; the shares are added in image order. */
+     * batch size. The shares are added in image order. */
     for (int64_t first = 0; first < batch; first += IMAGE_GROUP) {
         const int64_t count = batch - first < IMAGE_GROUP ? batch - first : IMAGE_GROUP;
         double partial[IMAGE_GROUP];
@@ -624,10 +624,10 @@ int stage_loss_backward(const float *restrict grad, const float *restrict active
  * torch.nn.BatchNorm2d does.
  */
 int norm_relu_forward(const float *restrict x, const float *restrict weight,
-                       const float *restrict bias, float *restrict running_mean,
-                       float *restrict running_var, float *restrict active, float *restrict mean,
-                       float *restrict invstd, int64_t batch, int64_t pixels, int64_t channels,
-                       float momentum, float eps) {
+                      const float *restrict bias, float *restrict running_mean,
+                      float *restrict running_var, float *restrict active, float *restrict mean,
+                      float *restrict invstd, int64_t batch, int64_t pixels, int64_t channels,
+                      float momentum, float eps) {
     const int64_t rows = batch * pixels, size = pixels * channels;
     double means[channels], squares[channels];
     double *partial = malloc(sizeof(double) * batch * channels);
@@ -694,11 +694,11 @@ int norm_relu_forward(const float *restrict x, const float *restrict weight,
  * gradients of the norm's weight and bias (C).
  */
 int norm_relu_backward(const float *restrict grad_active, const float *restrict active,
-                        const float *restrict x, const float *restrict mean,
-                        const float *restrict invstd, const float *restrict weight,
-                        float *restrict grad_x, float *restrict weight_grad,
-                        float *restrict bias_grad, int64_t batch, int64_t pixels,
-                        int64_t channels) {
+                       const float *restrict x, const float *restrict mean,
+                       const float *restrict invstd, const float *restrict weight,
+                       float *restrict grad_x, float *restrict weight_grad,
+                       float *restrict bias_grad, int64_t batch, int64_t pixels,
+                       int64_t channels) {
     const int64_t rows = batch * pixels, size = pixels * channels;
     double sums[channels], products[channels];
     double *partial = malloc(sizeof(double) * 2 * batch * channels);
@@ -760,8 +760,8 @@ int norm_relu_backward(const float *restrict grad_active, const float *restrict 
  */
 #define FIRST_CHANNELS 32
 int conv_pool_relu(const float *restrict images, const float *restrict weight,
-                    const float *restrict bias, float *restrict out, int64_t batch,
-                    int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
+                   const float *restrict bias, float *restrict out, int64_t batch,
+                   int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
     enum { GROUPS = FIRST_CHANNELS / 8 };
     lanes8 w[9][GROUPS], b0[GROUPS];
     for (int g = 0; g < GROUPS; g++) {
@@ -821,8 +821,8 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
 #define OUT_GROUP 16 /* output channels whose sums stay in registers */
 
 int second_conv_pool_relu(const float *restrict in, const float *restrict weight,
-                           const float *restrict bias, float *restrict out, int64_t batch,
-                           int64_t height, int64_t width) {
+                          const float *restrict bias, float *restrict out, int64_t batch,
+                          int64_t height, int64_t width) {
     const int64_t pooled_h = (height - 2) / 2, pooled_w = (width - 2) / 2;
     const int64_t pooled = pooled_h * pooled_w;
 #pragma omp parallel for schedule(static)
