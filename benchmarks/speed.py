@@ -395,7 +395,8 @@ def classifier_flops(model) -> tuple[float, float]:
     products, by torch.utils.flop_counter): as the modules define it, and as
     classifier.predict executes it with the C kernels, which compute the 12x12 of the
     13x13 pooled first-layer maps and the 10x10 of the 11x11 second-layer maps that the
-    pooling reads."""
+    pooling reads, the latter by Winograd's F(2x2, 3x3) algorithm. The executed count
+    leaves out the Winograd transforms' additions."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.rand(64, 1, 28, 28))
     defined = counter.get_total_flops() / 64
@@ -403,9 +404,10 @@ def classifier_flops(model) -> tuple[float, float]:
         return defined, defined
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.head(torch.rand(64, 64, 5, 5))
-    # multiply-adds, 4 convolution outputs per pooled value
+    # multiply-adds: 4 convolution outputs per pooled value in the first layer, and 16
+    # products per channel pair in each of the second layer's 5x5 tiles of 2x2 outputs
     first_layer = 2 * 9 * 1 * 32 * 4 * 12 * 12
-    second_layer = 2 * 9 * 32 * 64 * 4 * 5 * 5
+    second_layer = 2 * 16 * 32 * 64 * 5 * 5
     return defined, counter.get_total_flops() / 64 + first_layer + second_layer
 
 

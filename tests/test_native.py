@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glo_search import native
 from glo_search.config import TrainConfig
@@ -97,6 +98,9 @@ def test_kernels_same_bits_any_thread_count():
     kernel28 = torch.randn(16, 36, generator=generator)
     targets = torch.rand(batch, 28, 28, generator=generator)
     weight, bias = torch.rand(2, 16, generator=generator)
+    pooled = torch.rand(batch, 12, 12, 32, generator=generator)
+    winograd_filter = torch.randn(16, 32, 64, generator=generator)
+    bias64 = torch.randn(64, generator=generator)
 
     def run():
         out = {
@@ -114,6 +118,7 @@ def test_kernels_same_bits_any_thread_count():
             "stats": torch.zeros(4, 16),
             "grad_maps": torch.empty_like(maps),
             "norm_grads": torch.empty(2, 16),
+            "second_layer": torch.empty(batch, 64, 5, 5),
         }
         lib.stage_backward(
             grad, maps5, kernel, out["kernel_grad"], out["maps5_grad"], out["bias_grad"],
@@ -138,6 +143,9 @@ def test_kernels_same_bits_any_thread_count():
             grad, out["active"], maps, mean, invstd, weight, out["grad_maps"],
             *out["norm_grads"], batch, 196, 16,
         )  # fmt: skip
+        lib.winograd_conv_pool_relu(
+            pooled, winograd_filter, bias64, out["second_layer"], batch, 12, 12
+        )
         return out
 
     threads = torch.get_num_threads()
@@ -417,9 +425,44 @@ def test_classifier_predictions_equal_the_module_path():
     second = model.features[3]
     with torch.inference_mode():
         second_layer = model.features[5](model.features[4](second(first_layer)))
+    exact = _second_layer_in_float64(pooled.permute(0, 3, 1, 2), second.weight, second.bias)
     maps = torch.empty(50, 64, 5, 5)
-    native.kernels().second_conv_pool_relu(
-        pooled[:, :12, :12].contiguous(), second.weight.permute(2, 3, 1, 0).contiguous(),
+    native.kernels().winograd_conv_pool_relu(
+        pooled[:, :12, :12].contiguous(), classifier._winograd_filter(second.weight),
         second.bias, maps, 50, 12, 12,
     )  # fmt: skip
     _assert_near(maps, second_layer.double(), "second layer")
+    _assert_winograd_near(maps, exact, "second layer")
+
+
+def _second_layer_in_float64(maps, weight, bias):
+    """Compute the classifier's second layer (convolution, 2x2 max-pool, ReLU) in float64."""
+    conv = F.conv2d(maps.double(), weight.double(), bias.double())
+    return F.relu(F.max_pool2d(conv, 2))
+
+
+def _assert_winograd_near(got, want, name):
+    # Measured on the Zen 1 VM, relative to the largest value: 2.7e-7 on the test's 50
+    # shipped digits (3.8e-7 on all 10,000) and 1.0-1.5e-7 on the random maps below, where
+    # PyTorch 2.14's float32 convolution was 0.8-1.2e-6 off.
+    scale = want.abs().max().item()
+    error = (got.double() - want).abs().max().item()
+    assert error <= 2e-6 * scale, f"{name}: error {error:.3g} at scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("height, width", [(12, 12), (10, 10), (11, 16)])
+def test_winograd_kernel_matches_float64_convolution(height, width):
+    # 25, 16 and 28 tiles: the kernel works in groups of 5, so the last two end in a
+    # group of 1 and of 3 tiles.
+    from glo_search import classifier
+
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(6, 32, height, width, generator=generator)
+    weight = torch.randn(64, 32, 3, 3, generator=generator) / 17
+    bias = torch.randn(64, generator=generator)
+    out = torch.full((6, 64, (height - 2) // 2, (width - 2) // 2), float("nan"))
+    native.kernels().winograd_conv_pool_relu(
+        maps.permute(0, 2, 3, 1).contiguous(), classifier._winograd_filter(weight), bias,
+        out, 6, height, width,
+    )  # fmt: skip
+    _assert_winograd_near(out, _second_layer_in_float64(maps, weight, bias), "random maps")

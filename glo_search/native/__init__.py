@@ -75,7 +75,7 @@ SIGNATURES = {
     "norm_relu_forward": [_POINTER] * 8 + [_INT] * 3 + [_FLOAT] * 2,
     "norm_relu_backward": [_POINTER] * 9 + [_INT] * 3,
     "conv_pool_relu": [_POINTER] * 4 + [_INT] * 5,
-    "second_conv_pool_relu": [_POINTER] * 4 + [_INT] * 3,
+    "winograd_conv_pool_relu": [_POINTER] * 4 + [_INT] * 3,
 }
 
 

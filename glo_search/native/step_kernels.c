@@ -810,55 +810,143 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
 
 /*
  * The reference classifier's second layer: a 3x3 convolution from SECOND_IN channels to
- * SECOND_OUT, a 2x2 max-pool and ReLU. in (B, H, W, SECOND_IN) channels-last, weight
- * (3, 3, SECOND_IN, SECOND_OUT) [tap row][tap column][in][out], bias (SECOND_OUT) ->
- * out (B, SECOND_OUT, Hp, Wp), Hp = (H - 2) / 2 and Wp = (W - 2) / 2: the layout that the
- * classifier's flattening reads. The max-pool takes each window's largest sum before the
- * bias, which adds the same to all four.
+ * SECOND_OUT, a 2x2 max-pool, bias and ReLU, by Winograd's F(2x2, 3x3) algorithm.
+ * in (B, H, W, SECOND_IN) channels-last, filter (16, SECOND_IN, SECOND_OUT), bias
+ * (SECOND_OUT) -> out (B, SECOND_OUT, Hp, Wp), Hp = (H - 2) / 2 and Wp = (W - 2) / 2: the
+ * layout that the classifier's flattening reads.
+ *
+ * Each 2x2 pooling window is one Winograd tile, whose four outputs come from the 4x4 input
+ * patch d at its top-left corner: A^T M A with M[xi] = sum over input channels of
+ * (B^T d B)[xi] U[xi], for the 16 positions xi of a 4x4 array. filter contains
+ * U = G g G^T, the transform of each input and output channel's 3x3 kernel g, as
+ * [xi][in][out] (classifier.py's _winograd_filter). A tile then takes 16 multiply-adds per
+ * input and output channel, where the direct convolution takes 36. The max-pool takes the
+ * largest of the four outputs before the bias, which adds the same to all four.
  */
 #define SECOND_IN 32
 #define SECOND_OUT 64
-#define OUT_GROUP 16 /* output channels whose sums stay in registers */
+#define TILE_GROUP 5 /* tiles whose products share each load of the filter */
+#define OUT_GROUP 16 /* output channels whose sums for TILE_GROUP tiles stay in registers */
 
-int second_conv_pool_relu(const float *restrict in, const float *restrict weight,
-                          const float *restrict bias, float *restrict out, int64_t batch,
-                          int64_t height, int64_t width) {
+/* v[xi][t][c] = (B^T d B)[xi] for tile t of the group, whose 4x4 patch d starts at patch
+ * in an image of width columns. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. */
+static void winograd_input(float *restrict v, int t, const float *restrict patch,
+                           int64_t width) {
+    for (int g = 0; g < SECOND_IN; g += 8) {
+        lanes8 d[4][4], rows[4][4];
+        for (int r = 0; r < 4; r++) {
+            for (int s = 0; s < 4; s++) {
+                d[r][s] = load8(patch + (r * width + s) * SECOND_IN + g);
+            }
+        }
+        for (int s = 0; s < 4; s++) {
+            rows[0][s] = d[0][s] - d[2][s];
+            rows[1][s] = d[1][s] + d[2][s];
+            rows[2][s] = d[2][s] - d[1][s];
+            rows[3][s] = d[1][s] - d[3][s];
+        }
+        for (int i = 0; i < 4; i++) {
+            float *row = v + (4 * i * TILE_GROUP + t) * SECOND_IN + g;
+            store8(row, rows[i][0] - rows[i][2]);
+            store8(row + TILE_GROUP * SECOND_IN, rows[i][1] + rows[i][2]);
+            store8(row + 2 * TILE_GROUP * SECOND_IN, rows[i][2] - rows[i][1]);
+            store8(row + 3 * TILE_GROUP * SECOND_IN, rows[i][1] - rows[i][3]);
+        }
+    }
+}
+
+typedef int32_t mask8 __attribute__((vector_size(32))); /* -1 or 0 per float of a lanes8 */
+
+/* the larger of a and b in each lane, written with a mask because GCC 12 compiles a loop
+ * over the lanes of a lanes8 into one scalar max per lane */
+static inline lanes8 max8(lanes8 a, lanes8 b) {
+    const mask8 greater = a > b;
+    return (lanes8)((greater & (mask8)a) | (~greater & (mask8)b));
+}
+
+/* The largest of a tile's four outputs, A^T m A, from m[xi] for 8 output channels, spaced
+ * stride floats apart. A^T = [1 1 1 0; 0 1 -1 -1]. */
+static inline lanes8 winograd_output_max(const float *m, int64_t stride) {
+    lanes8 q[4][4], rows[2][4];
+    for (int xi = 0; xi < 16; xi++) {
+        q[xi / 4][xi % 4] = load8(m + xi * stride);
+    }
+    for (int s = 0; s < 4; s++) {
+        rows[0][s] = q[0][s] + q[1][s] + q[2][s];
+        rows[1][s] = q[1][s] - q[2][s] - q[3][s];
+    }
+    lanes8 best = rows[0][0] + rows[0][1] + rows[0][2];
+    best = max8(best, rows[0][1] - rows[0][2] - rows[0][3]);
+    best = max8(best, rows[1][0] + rows[1][1] + rows[1][2]);
+    return max8(best, rows[1][1] - rows[1][2] - rows[1][3]);
+}
+
+/* m[xi][t][o] = sum over c of v[xi][t][c] filter[xi][c][o], for the OUT_GROUP output
+ * channels that filter points to. Each step over c takes TILE_GROUP x OUT_GROUP
+ * multiply-adds from one load of the filter's 16 floats, in 10 vector registers. */
+static void winograd_products(float m[16][TILE_GROUP][OUT_GROUP], const float *restrict v,
+                              const float *restrict filter) {
+    for (int xi = 0; xi < 16; xi++) {
+        const float *u = filter + xi * SECOND_IN * SECOND_OUT;
+        const float *vx = v + xi * TILE_GROUP * SECOND_IN;
+        lanes8 sum[TILE_GROUP][2] = {{{0}}};
+        for (int c = 0; c < SECOND_IN; c++) {
+            const lanes8 lo = load8(u + c * SECOND_OUT);
+            const lanes8 hi = load8(u + c * SECOND_OUT + 8);
+            for (int t = 0; t < TILE_GROUP; t++) {
+                sum[t][0] += vx[t * SECOND_IN + c] * lo;
+                sum[t][1] += vx[t * SECOND_IN + c] * hi;
+            }
+        }
+        for (int t = 0; t < TILE_GROUP; t++) {
+            store8(m[xi][t], sum[t][0]);
+            store8(m[xi][t] + 8, sum[t][1]);
+        }
+    }
+}
+
+int winograd_conv_pool_relu(const float *restrict in, const float *restrict filter,
+                            const float *restrict bias, float *restrict out, int64_t batch,
+                            int64_t height, int64_t width) {
     const int64_t pooled_h = (height - 2) / 2, pooled_w = (width - 2) / 2;
     const int64_t pooled = pooled_h * pooled_w;
+    const lanes8 zero8 = {0};
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
         const float *image = in + b * height * width * SECOND_IN;
         float *maps = out + b * SECOND_OUT * pooled;
-        for (int64_t py = 0; py < pooled_h; py++) {
-            for (int64_t px = 0; px < pooled_w; px++) {
-                for (int64_t g = 0; g < SECOND_OUT; g += OUT_GROUP) {
-                    /* the sums of the pooling window's four pixels, for 16 channels */
-                    lanes8 sum[4][OUT_GROUP / 8] = {{{0}}};
-                    for (int64_t t = 0; t < 9; t++) {
-                        const float *pixel[4];
-                        for (int d = 0; d < 4; d++) {
-                            const int64_t y = 2 * py + d / 2 + t / 3, x = 2 * px + d % 2 + t % 3;
-                            pixel[d] = image + (y * width + x) * SECOND_IN;
-                        }
-                        const float *w = weight + t * SECOND_IN * SECOND_OUT + g;
-                        for (int c = 0; c < SECOND_IN; c++) {
-                            for (int h = 0; h < OUT_GROUP / 8; h++) {
-                                const lanes8 wv = load8(w + c * SECOND_OUT + 8 * h);
-                                for (int d = 0; d < 4; d++) {
-                                    sum[d][h] += pixel[d][c] * wv;
-                                }
-                            }
-                        }
+        /* Tiles go in groups of TILE_GROUP in row-major order, which may span tile rows. The
+         * arrays are aligned so that GCC stores whole vectors: tuned for Zen 1, it splits
+         * each store of 32 bytes that it cannot prove aligned into two. */
+        for (int64_t first = 0; first < pooled; first += TILE_GROUP) {
+            const int tiles = pooled - first < TILE_GROUP ? (int)(pooled - first) : TILE_GROUP;
+            /* transformed inputs [xi][tile][in], zero for tiles past the last */
+            _Alignas(32) float v[16 * TILE_GROUP * SECOND_IN];
+            for (int t = 0; t < TILE_GROUP; t++) {
+                if (t < tiles) {
+                    const int64_t py = (first + t) / pooled_w, px = (first + t) % pooled_w;
+                    winograd_input(v, t, image + (2 * py * width + 2 * px) * SECOND_IN, width);
+                    continue;
+                }
+                for (int xi = 0; xi < 16; xi++) {
+                    memset(v + (xi * TILE_GROUP + t) * SECOND_IN, 0, sizeof(float) * SECOND_IN);
+                }
+            }
+            for (int64_t o = 0; o < SECOND_OUT; o += OUT_GROUP) {
+                _Alignas(32) float m[16][TILE_GROUP][OUT_GROUP];
+                winograd_products(m, v, filter + o);
+                /* the pooled maps' values [tile][output channel], stored transposed */
+                _Alignas(32) float pooled_values[TILE_GROUP][OUT_GROUP];
+                for (int t = 0; t < tiles; t++) {
+                    for (int h = 0; h < OUT_GROUP; h += 8) {
+                        const lanes8 best =
+                            winograd_output_max(m[0][t] + h, TILE_GROUP * OUT_GROUP);
+                        store8(pooled_values[t] + h, max8(best + load8(bias + o + h), zero8));
                     }
-                    float values[4][OUT_GROUP];
-                    memcpy(values, sum, sizeof values);
-                    for (int c = 0; c < OUT_GROUP; c++) {
-                        float best = values[0][c];
-                        for (int d = 1; d < 4; d++) {
-                            best = values[d][c] > best ? values[d][c] : best;
-                        }
-                        best += bias[g + c];
-                        maps[(g + c) * pooled + py * pooled_w + px] = best > 0.0f ? best : 0.0f;
+                }
+                for (int c = 0; c < OUT_GROUP; c++) {
+                    for (int t = 0; t < tiles; t++) {
+                        maps[(o + c) * pooled + first + t] = pooled_values[t][c];
                     }
                 }
             }
