@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+import sqlite3
+from pathlib import Path
 
+import alembic.script
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
+from glo_search import searcher as searcher_module
 from glo_search.search import study_place
-from glo_search.searcher import TUNE_TRIAL_ATTR, GloOptunaSearch
+from glo_search.searcher import (
+    REHEARSAL_STUDY,
+    TUNE_TRIAL_ATTR,
+    GloOptunaSearch,
+    rehearse_study,
+    share_migration_scripts,
+)
 from glo_search.storage import locate, sqlite_path, sqlite_url
 
 METRIC = "disentanglement"
@@ -210,3 +221,46 @@ def test_study_place_downloads_mirrored_study(tmp_path):
     assert sqlite_path(study_url).read_bytes() == b"SQLite format 3\0"
     assert mirror == (location, "optuna.db")
     shutil.rmtree(sqlite_path(study_url).parent)
+
+
+def test_shared_migration_scripts_still_check_the_schema(tmp_path):
+    # Every study storage of the process reads Optuna's migration scripts from one loaded
+    # copy. New study files get the newest schema, and an older schema is still rejected.
+    share_migration_scripts()
+    share_migration_scripts()  # a second call keeps the first copy
+    (tmp_path / "new").mkdir()
+    searcher = make_searcher(tmp_path / "new")
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    assert study_trial(tmp_path / "new", "a").state == TrialState.COMPLETE
+
+    old = tmp_path / "old"
+    old.mkdir()
+    url = sqlite_url(old / "optuna.db")
+    optuna.create_study(study_name="study", storage=url)
+    head = optuna.storages.RDBStorage(url)._version_manager.get_head_version()
+    scripts = alembic.script.ScriptDirectory(
+        str(Path(optuna.storages._rdb.__file__).parent / "alembic")
+    )
+    previous = scripts.get_revision(head).down_revision
+    with sqlite3.connect(old / "optuna.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (previous,))
+    with pytest.raises(RuntimeError, match="optuna storage upgrade"):
+        optuna.storages.RDBStorage(url)
+
+
+def test_study_rehearsal_is_silent_and_leaves_logging_alone(tmp_path, monkeypatch, caplog):
+    # The sweep rehearses a study in memory while it starts. A user sees nothing of it,
+    # and the real study's own log lines still print.
+    monkeypatch.setattr(searcher_module, "_rehearsed", False)
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.INFO, logger="optuna"):
+            rehearse_study()
+            optuna.create_study(study_name="after", storage=sqlite_url(tmp_path / "optuna.db"))
+    finally:
+        optuna.logging.disable_propagation()
+        optuna.logging.set_verbosity(previous)
+    assert REHEARSAL_STUDY not in caplog.text
+    assert "A new study created in RDB with name: after" in caplog.text
