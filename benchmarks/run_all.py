@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--with-search]
 
-Takes about 10 minutes on 2 cores; --with-search adds the search-efficiency figure
+Takes about 20 minutes on 2 cores; --with-search adds the search-efficiency figure
 (about 30 minutes more). Run it on an otherwise idle machine: the figures are ratios
 measured side by side, but a busy machine still makes them noisy.
 """
@@ -27,6 +27,7 @@ COMMANDS = [
     ["speed.py", "classifier", "--threads", "1"],
     ["speed.py", "memory"],
     ["sweep_speed.py", "overhead"],
+    ["sweep_speed.py", "overhead", "--variants", "fifo-e20-warm", "--repeat", "3"],
     ["sweep_speed.py", "parts"],
 ]
 SEARCH = ["sweep_speed.py", "search"]

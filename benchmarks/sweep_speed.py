@@ -42,6 +42,7 @@ import math
 import random
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -89,6 +90,9 @@ def main() -> int:
     parser.add_argument(
         "--trials", type=int, default=8, help="overhead: trials per sweep (default: 8)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="overhead: runs of each variant (default: 1)"
+    )
     parser.add_argument("--epochs", type=int, default=9, help="search: epochs (default: 9)")
     parser.add_argument(
         "--num-images", type=int, default=500, help="search: training images (default: 500)"
@@ -98,6 +102,8 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"invalid --repeat {args.repeat}: must be at least 1")
     print(f"machine: {machine()}")
     if args.figure == "parts":
         figures = parts()
@@ -108,7 +114,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         storage = args.storage or Path(folder)
         if args.figure == "overhead":
-            figures = overhead(storage, args.variants.split(","), args.trials, 20)
+            variants = args.variants.split(",")
+            figures = overhead(storage, variants, args.trials, 20, args.repeat)
         else:
             seeds = [int(v) for v in args.seeds.split(",")]
             figures = search(storage, args.epochs, args.num_images, seeds)
@@ -196,14 +203,18 @@ def parse_variant(variant: str) -> dict:
     return settings
 
 
-def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> dict:
+def overhead(
+    storage: Path, variants: list[str], trials: int, epochs: int, repeat: int = 1
+) -> dict:
     # A sweep trains the reference classifier when its cache is empty, which took 20-51 s
     # on 2 cores. A user pays that once, so it stays outside the timers.
     classifier.load_info()
     figures = {}
-    for variant in variants:
+    runs = [variant for variant in variants for _ in range(repeat)]
+    done = Counter()
+    for number, variant in enumerate(runs):
         settings = parse_variant(variant)
-        name = f"overhead-{variant}-{len(figures)}"
+        name = f"overhead-{variant}-{number}"
         # FIFO runs every trial to max_epochs; ASHA (grace period 2, reduction factor 3,
         # the sweep's defaults) stops some early.
         scheduler = make_scheduler("fifo", epochs) if settings["scheduler"] == "fifo" else None
@@ -227,7 +238,9 @@ def overhead(storage: Path, variants: list[str], trials: int, epochs: int) -> di
             callbacks=[timeline],
         )
         wall = time.perf_counter() - timeline.started
-        figures[variant] = _overhead_figures(timeline, wall)
+        done[variant] += 1
+        key = variant if runs.count(variant) == 1 else f"{variant} #{done[variant]}"
+        figures[key] = _overhead_figures(timeline, wall)
     _print_overhead(figures)
     return figures
 
@@ -308,8 +321,8 @@ def _print_overhead(figures: dict) -> None:
         print(
             f"| {variant} | {f['trials']} | {f['trial_epochs']} | {f['reports']} | "
             f"{f['checkpoints']} | "
-            f"{f['wall_s']:.1f} s | {f['train_share']:.2f} | {f['eval_share']:.2f} | "
-            f"{f['rest_share']:.2f} | {f['rest_s_per_trial']:.2f} s |"
+            f"{f['wall_s']:.1f} s | {f['train_share']:.3f} | {f['eval_share']:.3f} | "
+            f"{f['rest_share']:.3f} | {f['rest_s_per_trial']:.2f} s |"
         )
     print("\nthe rest in seconds per trial (slot-seconds over the trials):\n")
     print("| part | " + " | ".join(figures) + " |")
