@@ -10,8 +10,8 @@ experiment folders under --storage (default: a temporary folder, deleted at the 
 overhead: 8 trials of the `default` space, each trained for 20 epochs (Tune's FIFO
 scheduler), then the same with ASHA, 2 trials at once with 1 CPU each. The timer runs
 from the sweep() call, with Ray already running. A variant ending in -warm first asks
-Ray for 2 worker processes (glo_search.warm.warm_workers), imports Optuna's storage
-modules and waits 10 s, as a sweep does that follows another in a study. Two slots x
+Ray for 2 worker processes (glo_search.warm.warm_workers), prepares Optuna's study
+storage and waits 10 s, as a sweep does that follows another in a study. Two slots x
 wall time splits into the seconds trials spent in train_epoch (training), in evaluate
 (metrics), and the rest. Each trial reports its own seconds in train_epoch, evaluate
 and the other parts with every result (glo_search.trainable.TIMERS). A Tune callback
@@ -53,7 +53,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from glo_search import classifier
 from glo_search.search import (
-    _start_study_imports,
+    _start_study_preparation,
     configure_tune_environment,
     ensure_ray,
     make_scheduler,
@@ -246,7 +246,7 @@ def overhead(
 
 
 def warm_up(wait_s: float = WARM_WAIT_S) -> None:
-    """Start 2 Ray workers for the next sweep and import Optuna's storage modules, then wait.
+    """Start 2 Ray workers for the next sweep and prepare Optuna's study storage, then wait.
 
     The workers import torch and the trainer at start when Ray was started by glo-search
     (glo_search.warm), which takes 3-5 s on 2 cores.
@@ -257,7 +257,7 @@ def warm_up(wait_s: float = WARM_WAIT_S) -> None:
             "warm variant: the raylet's PrestartWorkers call failed. Run with the "
             "glo_search.warm logger at DEBUG level to see the error"
         )
-    _start_study_imports().join()
+    _start_study_preparation().join()
     time.sleep(wait_s)
 
 

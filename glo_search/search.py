@@ -418,7 +418,7 @@ def sweep(
     name = name or f"{resolved.name if resolved else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_name(name)
     location = _experiment_location(storage, name)
-    study_imports = _start_study_imports()
+    study_preparation = _start_study_preparation()
     _check_data(base)
     _check_perceptual_weights(base)
     classifier_state = classifier.load_state()
@@ -427,7 +427,7 @@ def sweep(
     try:
         ensure_ray(address, dashboard_host=dashboard_host)
         configure_tune_environment()
-        study_imports.join()
+        study_preparation.join()
         tuner, search_alg = _build_tuner(
             location=location,
             resolved=resolved,
@@ -471,8 +471,8 @@ def sweep(
         _copy_study(search_alg, location)
 
 
-def _start_study_imports() -> threading.Thread:
-    """Start loading, in a thread, what the study's SQLite storage needs.
+def _start_study_preparation() -> threading.Thread:
+    """Start a thread that imports, loads and configures what the study's SQLite storage needs.
 
     The first RDBStorage of a process imports Optuna's SQLAlchemy models and Alembic,
     which took 0.45 s of the 0.65 s it took to create the study (Optuna 5.1, one core of
@@ -483,7 +483,7 @@ def _start_study_imports() -> threading.Thread:
     before the first trial is requested.
     """
 
-    def import_modules() -> None:
+    def prepare() -> None:
         try:
             # NOTE: optuna.storages._rdb.models is Optuna's private module (Optuna 5.1).
             # Where it is missing, the study's creation imports what it needs itself.
@@ -494,7 +494,7 @@ def _start_study_imports() -> threading.Thread:
             logger.debug("importing the study storage's modules failed: %s", error)
         rehearse_study()
 
-    thread = threading.Thread(target=import_modules, name="study-imports", daemon=True)
+    thread = threading.Thread(target=prepare, name="study-preparation", daemon=True)
     thread.start()
     return thread
 
