@@ -1,4 +1,4 @@
-"""torch.optim's Adam and L-BFGS without the first-call import of torch._dynamo.
+"""torch.optim's Adam without the first-call import of torch._dynamo.
 
 PyTorch wraps Optimizer's add_param_group, state_dict, load_state_dict and zero_grad in
 torch._disable_dynamo, and Adam.step in a wrapper that sets the grad mode and calls
@@ -6,8 +6,8 @@ torch._dynamo.graph_break(). Each wrapper imports torch._dynamo on its first cal
 the first optimizer of a process pays that import (sympy, torch.fx, torch._inductor):
 1.0-1.5 s on a 2-core AMD EPYC VM with torch 2.14, once per Ray worker. The wrappers
 only guard against torch.compile tracing into the optimizer, and this project never
-compiles one. The classes here call the wrapped functions directly, so their updates
-and state dicts are those of torch.optim's classes, and checkpoints load into either.
+compiles one. The class here calls the wrapped functions directly, so its updates and
+state dicts are those of torch.optim.Adam, and checkpoints load into either.
 
 NOTE: the wrapped functions are found through the ``__wrapped__`` attribute that
 functools.wraps sets, checked with torch 2.14 only. Where a torch release drops it, a
@@ -59,7 +59,3 @@ class Adam(_WithoutDynamoImport, torch.optim.Adam):
         # The grad mode that torch.optim.Adam.step's wrapper sets around the update.
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             return _ADAM_STEP(self, closure)
-
-
-class LBFGS(_WithoutDynamoImport, torch.optim.LBFGS):
-    """torch.optim.LBFGS that does not import torch._dynamo. Its step has no such wrapper."""

@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from plain_metrics import plain_style_attributes
 
 from glo_search import metrics as m
+from glo_search import native
 
 
 def test_nearest_classes_known_layout():
@@ -240,3 +242,46 @@ def test_content_leakage_constant_feature_is_not_scaled():
     codes = torch.nn.functional.one_hot(labels, 10).double()
     codes = torch.cat([codes, torch.ones(500, 1, dtype=torch.float64)], dim=1)
     assert m.content_leakage(codes, labels, seed=0) == 1.0
+
+
+def _probe_inputs(rows, features, classes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=generator)
+    x = torch.randn(rows, features, generator=generator, dtype=torch.float64)
+    x[:, : min(features, classes)] += torch.nn.functional.one_hot(labels, classes)[
+        :, :features
+    ].double()
+    design = np.concatenate([x.numpy(), np.ones((rows, 1))], axis=1)
+    weights = 0.3 * torch.randn(features + 1, classes, generator=generator, dtype=torch.float64)
+    return design, labels.numpy().astype(np.int64), weights.numpy().reshape(-1)
+
+
+@pytest.mark.parametrize(
+    "rows, features, classes", [(1600, 128, 10), (401, 7, 3), (5, 2, 16), (1, 1, 2)]
+)
+def test_probe_kernel_equals_the_numpy_objective(rows, features, classes):
+    lib = native.kernels()
+    if lib is None:
+        pytest.skip("no C kernels here")
+    design, labels, weights = _probe_inputs(rows, features, classes, seed=rows)
+    shape = (features + 1, classes)
+    penalty = 1.0 / (2.0 * rows)
+    value, gradient = m._native_objective(lib, design, labels, shape, penalty)(weights)
+    want_value, want_gradient = m._numpy_objective(design, labels, shape, penalty)(weights)
+    assert value == pytest.approx(want_value, rel=1e-13)
+    np.testing.assert_allclose(gradient, want_gradient, rtol=0, atol=1e-15)
+
+
+def test_probe_fits_equal_with_and_without_kernels(monkeypatch):
+    """The two objectives differ by rounding only: the fits agree closely, the accuracy exactly."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 10, (2000,), generator=generator)
+    codes = torch.randn(2000, 40, generator=generator)
+    codes[:, :10] += 0.4 * torch.nn.functional.one_hot(labels, 10)
+    x = (codes.double() - codes.double().mean(0)) / codes.double().std(0)
+    with_kernels = m.fit_logistic_regression(x, labels, 10)
+    leakage = m.content_leakage(codes, labels, seed=0)
+    monkeypatch.setattr(m.native, "kernels", lambda: None)
+    without = m.fit_logistic_regression(x, labels, 10)
+    assert (with_kernels - without).abs().max().item() < 1e-6
+    assert m.content_leakage(codes, labels, seed=0) == leakage

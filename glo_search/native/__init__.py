@@ -1,5 +1,5 @@
-"""C kernels for the hand-written training step, decoding and the digit classifier's
-convolutions, compiled on first use.
+"""C kernels for the hand-written training step, decoding, the digit classifier's
+convolutions and the leakage probe's objective, compiled on first use.
 
 :func:`kernels` compiles ``step_kernels.c`` with the machine's C compiler into the cache
 folder (``$GLO_SEARCH_CACHE/native``, else ``~/.cache/glo-search/native``) and loads it
@@ -56,6 +56,8 @@ FLAGS = [
 OPENMP = "-fopenmp"
 # Channels of the maps that the convolution stages take, fixed in step_kernels.c.
 MAP_CHANNELS = 16
+# Classes that logistic_objective takes at most, fixed in step_kernels.c.
+PROBE_MAX_CLASSES = 16
 # Status codes that the kernels return besides 0, as step_kernels.c defines them.
 NO_MEMORY = 1
 ODD_PAD = 2
@@ -67,6 +69,7 @@ STALE_BUILD_S = 3600  # age after which a private build file is taken as left by
 _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int64
 _FLOAT = ctypes.c_float
+_DOUBLE = ctypes.c_double
 SIGNATURES = {
     "stage_forward": [_POINTER] * 6 + [_INT] * 4,
     "stage_backward": [_POINTER] * 6 + [_INT] * 4,
@@ -76,6 +79,7 @@ SIGNATURES = {
     "norm_relu_backward": [_POINTER] * 9 + [_INT] * 3,
     "conv_pool_relu": [_POINTER] * 4 + [_INT] * 5,
     "winograd_conv_pool_relu": [_POINTER] * 4 + [_INT] * 3,
+    "logistic_objective": [_POINTER] * 5 + [_INT] * 3 + [_DOUBLE],
 }
 
 
@@ -207,8 +211,9 @@ def _build(command: list[str], target: Path) -> None:
 class Kernels:
     """The library's functions, taking tensors where the C code takes pointers.
 
-    The C code trusts its arguments: every tensor must be float32 (float64 for the loss
-    sums), contiguous, in CPU memory and of the size its comment in step_kernels.c gives.
+    The C code trusts its arguments: every tensor must be contiguous, in CPU memory, of
+    the size its comment in step_kernels.c gives, and float32, except for float64 loss
+    sums and probe objectives and the probe's int64 labels.
     """
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -236,7 +241,8 @@ def _taking_tensors(name: str, function: Callable) -> Callable:
 
 def _fall_back(reason: str) -> None:
     logger.warning(
-        "%s; training, decoding and the digit classifier run in PyTorch operations instead "
+        "%s; training, decoding, the digit classifier and the leakage probe run in PyTorch "
+        "operations instead "
         "(training about 1.6-2.1x slower)",
         reason,
     )

@@ -954,3 +954,176 @@ int winograd_conv_pool_relu(const float *restrict in, const float *restrict filt
     }
     return KERNEL_OK;
 }
+
+/*
+ * The objective of content_leakage's logistic-regression probe (glo_search/metrics.py),
+ * in double. Its value goes into loss[0] and its gradient into grad. The value is the
+ * mean over the n rows of x of the cross-entropy of softmax(x w) against the labels y,
+ * plus penalty times the sum of the squares of w outside its last row, which holds the
+ * intercept. x is (n, f) with ones in its last column, w and grad are (f, k), and y
+ * holds n class indices in [0, k), with k at most PROBE_MAX_CLASSES. One thread runs it,
+ * because the probe's products are small, and its sums then do not depend on the number
+ * of threads.
+ *
+ * The products have k = 10 columns, too few for a matrix library to run at speed. Here
+ * each row of w is padded to whole vectors of 4 doubles, and groups of PROBE_ROWS rows of
+ * x share each load of a row of w or of the gradient. The sums stay in registers.
+ */
+#define PROBE_ROWS 4
+#define PROBE_MAX_CLASSES 16 /* glo_search/native/__init__.py's PROBE_MAX_CLASSES */
+
+typedef double lanes4d __attribute__((vector_size(32))); /* 4 doubles: AVX, or two SSE */
+
+static inline lanes4d load4d(const double *p) {
+    lanes4d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store4d(double *p, lanes4d v) { memcpy(p, &v, sizeof v); }
+
+/* logits[r][c] = sum over j of x[r][j] padded[j][c], for PROBE_ROWS rows of f features and
+ * vectors * 4 padded columns. Where this is inlined, vectors is a constant. */
+static inline __attribute__((always_inline)) void probe_logits(
+    double logits[PROBE_ROWS][PROBE_MAX_CLASSES], const double *restrict x,
+    const double *restrict padded, int64_t f, int vectors) {
+    lanes4d sum[PROBE_ROWS][PROBE_MAX_CLASSES / 4] = {{{0}}};
+    for (int64_t j = 0; j < f; j++) {
+        for (int v = 0; v < vectors; v++) {
+            const lanes4d w_j = load4d(padded + (j * vectors + v) * 4);
+            for (int r = 0; r < PROBE_ROWS; r++) {
+                sum[r][v] += x[r * f + j] * w_j;
+            }
+        }
+    }
+    for (int r = 0; r < PROBE_ROWS; r++) {
+        for (int v = 0; v < vectors; v++) {
+            store4d(logits[r] + 4 * v, sum[r][v]);
+        }
+    }
+}
+
+/* padded_grad[j][c] += sum over r of x[r][j] residual[r][c], in probe_logits's shapes */
+static inline __attribute__((always_inline)) void probe_gradient(
+    double *restrict padded_grad, double residual[PROBE_ROWS][PROBE_MAX_CLASSES],
+    const double *restrict x, int64_t f, int vectors) {
+    lanes4d res[PROBE_ROWS][PROBE_MAX_CLASSES / 4];
+    for (int r = 0; r < PROBE_ROWS; r++) {
+        for (int v = 0; v < vectors; v++) {
+            res[r][v] = load4d(residual[r] + 4 * v);
+        }
+    }
+    for (int64_t j = 0; j < f; j++) {
+        for (int v = 0; v < vectors; v++) {
+            double *g = padded_grad + (j * vectors + v) * 4;
+            lanes4d sum = load4d(g);
+            for (int r = 0; r < PROBE_ROWS; r++) {
+                sum += x[r * f + j] * res[r][v];
+            }
+            store4d(g, sum);
+        }
+    }
+}
+
+/* Turn the logits of rows [0, rows) into residuals (softmax - one-hot) / n, zero in the
+ * padding and in rows past the last; return the sum of the rows' cross-entropies. */
+static double probe_residuals(double logits[PROBE_ROWS][PROBE_MAX_CLASSES],
+                              const int64_t *restrict y, int64_t rows, int64_t k, int64_t n) {
+    double total = 0.0;
+    for (int64_t r = 0; r < PROBE_ROWS; r++) {
+        double *row = logits[r];
+        if (r >= rows) {
+            memset(row, 0, sizeof(double) * PROBE_MAX_CLASSES);
+            continue;
+        }
+        double top = row[0];
+        for (int64_t c = 1; c < k; c++) {
+            top = row[c] > top ? row[c] : top;
+        }
+        const double picked = row[y[r]];
+        double sum = 0.0;
+        for (int64_t c = 0; c < k; c++) {
+            row[c] = exp(row[c] - top);
+            sum += row[c];
+        }
+        total += top + log(sum) - picked;
+        const double scale = 1.0 / (sum * (double)n);
+        for (int64_t c = 0; c < k; c++) {
+            row[c] *= scale;
+        }
+        row[y[r]] -= 1.0 / (double)n;
+        for (int64_t c = k; c < PROBE_MAX_CLASSES; c++) {
+            row[c] = 0.0;
+        }
+    }
+    return total;
+}
+
+static inline __attribute__((always_inline)) double probe_pass(
+    const double *restrict x, const double *restrict padded, const int64_t *restrict y,
+    double *restrict padded_grad, double *restrict last_rows, int64_t n, int64_t f, int64_t k,
+    int vectors) {
+    double logits[PROBE_ROWS][PROBE_MAX_CLASSES];
+    double total = 0.0;
+    for (int64_t first = 0; first < n; first += PROBE_ROWS) {
+        const int64_t rows = n - first < PROBE_ROWS ? n - first : PROBE_ROWS;
+        const double *rows_x = x + first * f;
+        if (rows < PROBE_ROWS) { /* the last group, padded with rows of zeros */
+            memset(last_rows, 0, sizeof(double) * PROBE_ROWS * f);
+            memcpy(last_rows, rows_x, sizeof(double) * rows * f);
+            rows_x = last_rows;
+        }
+        probe_logits(logits, rows_x, padded, f, vectors);
+        total += probe_residuals(logits, y + first, rows, k, n);
+        probe_gradient(padded_grad, logits, rows_x, f, vectors);
+    }
+    return total;
+}
+
+int logistic_objective(const double *restrict x, const double *restrict w,
+                       const int64_t *restrict y, double *restrict grad, double *restrict loss,
+                       int64_t n, int64_t f, int64_t k, double penalty) {
+    const int vectors = (int)((k + 3) / 4);
+    const int64_t width = 4 * vectors;
+    double *padded = calloc((size_t)(f * width), sizeof(double));
+    double *padded_grad = calloc((size_t)(f * width), sizeof(double));
+    double *last_rows = malloc(sizeof(double) * PROBE_ROWS * f);
+    if (padded == NULL || padded_grad == NULL || last_rows == NULL) {
+        free(padded);
+        free(padded_grad);
+        free(last_rows);
+        return KERNEL_NO_MEMORY;
+    }
+    for (int64_t j = 0; j < f; j++) {
+        memcpy(padded + j * width, w + j * k, sizeof(double) * k);
+    }
+    double total;
+    switch (vectors) { /* a constant count of vectors lets GCC keep the sums in registers */
+    case 1:
+        total = probe_pass(x, padded, y, padded_grad, last_rows, n, f, k, 1);
+        break;
+    case 2:
+        total = probe_pass(x, padded, y, padded_grad, last_rows, n, f, k, 2);
+        break;
+    case 3:
+        total = probe_pass(x, padded, y, padded_grad, last_rows, n, f, k, 3);
+        break;
+    default:
+        total = probe_pass(x, padded, y, padded_grad, last_rows, n, f, k, 4);
+        break;
+    }
+    double squares = 0.0;
+    for (int64_t j = 0; j < f; j++) {
+        for (int64_t c = 0; c < k; c++) {
+            const double w_jc = w[j * k + c];
+            const double decay = j < f - 1 ? 2.0 * penalty * w_jc : 0.0;
+            squares += j < f - 1 ? w_jc * w_jc : 0.0;
+            grad[j * k + c] = padded_grad[j * width + c] + decay;
+        }
+    }
+    loss[0] = total / (double)n + penalty * squares;
+    free(padded);
+    free(padded_grad);
+    free(last_rows);
+    return KERNEL_OK;
+}
