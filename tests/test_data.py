@@ -101,6 +101,14 @@ def test_read_idx_truncated(tmp_path):
         read_idx(path, LABELS_MAGIC)
 
 
+def test_read_idx_cut_gzip_file(tmp_path):
+    path = tmp_path / "labels.gz"
+    _write_idx(path, LABELS_MAGIC, (1000,), bytes(range(10)) * 100)
+    path.write_bytes(path.read_bytes()[:-12])  # the end of the stream and its trailer
+    with pytest.raises(DataError, match=str(path)):
+        read_idx(path, LABELS_MAGIC)
+
+
 def test_read_idx_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_idx(tmp_path / "absent.gz", LABELS_MAGIC)
