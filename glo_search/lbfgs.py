@@ -58,19 +58,14 @@ def minimize(
 
     Stops when no gradient entry exceeds ``gradient_tolerance``, when a step moves no entry
     of x or changes the value by more than ``change_tolerance``, after ``max_iterations``
-    iterations, or after 1.25 times that many evaluations.
+    iterations, or after the iteration in which the evaluations reach 1.25 times that.
     """
     x = np.array(x0, dtype=np.float64)
     value, gradient = objective(x)
     evaluations = 1
-    max_evaluations = max_iterations * 5 // 4
     history: deque[tuple[np.ndarray, np.ndarray, float]] = deque(maxlen=history_size)
     iterations = 0
-    while (
-        np.abs(gradient).max() > gradient_tolerance
-        and iterations < max_iterations
-        and evaluations < max_evaluations
-    ):
+    while np.abs(gradient).max() > gradient_tolerance and iterations < max_iterations:
         iterations += 1
         direction = _direction(gradient, history)
         slope = float(gradient @ direction)
@@ -90,6 +85,8 @@ def minimize(
         change = abs(point.value - value)
         x, value, gradient = point.x, point.value, point.gradient
         if np.abs(s).max() <= change_tolerance or change < change_tolerance:
+            break
+        if evaluations >= 1.25 * max_iterations:
             break
     return Result(x, value, iterations, evaluations)
 
@@ -178,7 +175,7 @@ def _decreases(point: _Point, start: _Point) -> bool:
 def _cubic_minimum(a: _Point, b: _Point, low: float, high: float) -> float:
     """Return the minimizer of the cubic that matches the values and slopes at a and b,
     within [low, high]; the interval's middle when the cubic has no minimum."""
-    if a.t == b.t:
+    if a.t == b.t or not np.isfinite([a.value, a.slope, b.value, b.slope]).all():
         return (low + high) / 2
     d1 = a.slope + b.slope - 3 * (a.value - b.value) / (a.t - b.t)
     square = d1 * d1 - a.slope * b.slope
@@ -189,4 +186,6 @@ def _cubic_minimum(a: _Point, b: _Point, low: float, high: float) -> float:
     if denominator == 0:
         return (low + high) / 2
     t = b.t - (b.t - a.t) * (b.slope + d2 - d1) / denominator
+    if not np.isfinite(t):  # a value or slope that overflowed, or NaN
+        return (low + high) / 2
     return float(min(max(t, low), high))

@@ -273,6 +273,11 @@ def fit_logistic_regression(
     exceeds 1e-5, ten times tighter than scikit-learn's default tolerance.
     """
     count, features = x.shape
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ValueError(
+            f"invalid labels: {int(y.min())} to {int(y.max())}, expected class indices "
+            f"in [0, {num_classes}); map them to indices first, as content_leakage does"
+        )
     penalty = 1.0 / (2.0 * c * count)
     design = np.ascontiguousarray(  # (n, features + 1)
         np.concatenate([x.detach().cpu().double().numpy(), np.ones((count, 1))], axis=1)

@@ -4,6 +4,7 @@ import struct
 import pytest
 import torch
 
+from glo_search import data
 from glo_search.config import TrainConfig
 from glo_search.data import (
     IMAGES_MAGIC,
@@ -99,6 +100,30 @@ def test_read_idx_truncated(tmp_path):
     _write_idx(path, LABELS_MAGIC, (10,), bytes(4))
     with pytest.raises(DataError, match="expected 18"):
         read_idx(path, LABELS_MAGIC)
+
+
+def test_read_idx_corrupt_gzip_fails_its_crc(tmp_path):
+    path = tmp_path / "labels.gz"
+    _write_idx(path, LABELS_MAGIC, (1000,), bytes(range(10)) * 100)
+    compressed = bytearray(path.read_bytes())
+    compressed[-8] ^= 0x01  # the CRC in the trailer
+    path.write_bytes(bytes(compressed))
+    with pytest.raises(DataError, match="CRC"):
+        read_idx(path, LABELS_MAGIC)
+
+
+def test_damaged_shipped_file_stops_a_partial_read(tmp_path, monkeypatch):
+    """A run reads only the first digits, after checking the shipped files' digests."""
+    for source in (data.SHIPPED_IMAGES, data.SHIPPED_LABELS):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    images = tmp_path / data.SHIPPED_IMAGES.name
+    compressed = bytearray(images.read_bytes())
+    compressed[5000] ^= 0x10  # decompresses without error, into other pixels
+    images.write_bytes(bytes(compressed))
+    monkeypatch.setattr(data, "SHIPPED_IMAGES", images)
+    monkeypatch.setattr(data, "SHIPPED_LABELS", tmp_path / data.SHIPPED_LABELS.name)
+    with pytest.raises(DataError, match="is damaged: its SHA-256 is"):
+        load_dataset(TrainConfig(num_images=50))
 
 
 def test_read_idx_cut_gzip_file(tmp_path):

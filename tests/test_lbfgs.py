@@ -43,7 +43,7 @@ def test_rosenbrock_from_the_usual_start():
     assert fit.iterations < 100
 
 
-def test_stops_at_once_when_the_start_is_a_minimum():
+def test_minimum_start_stops_at_once():
     fit = lbfgs.minimize(_quadratic(np.eye(3), np.zeros(3)), np.zeros(3))
     assert (fit.iterations, fit.evaluations) == (0, 1)
 
@@ -93,3 +93,20 @@ def test_minimum_equals_torch_lbfgs_on_logistic_regression():
     optimizer.step(closure)
     np.testing.assert_allclose(fit.x, weights.detach().numpy(), atol=1e-8)
     assert fit.value == pytest.approx(loss(weights.detach()).item(), abs=1e-14)
+
+
+def test_non_finite_trial_point_still_makes_progress():
+    """A step into a region where the objective is NaN is shortened, not abandoned."""
+
+    def objective(x):
+        if x[0] > 1:
+            return float("nan"), np.array([np.nan])
+        return float(1e4 * (x[0] - 0.995) ** 2), np.array([2e4 * (x[0] - 0.995)])
+
+    fit = lbfgs.minimize(objective, np.array([0.5]))
+    assert fit.x[0] == pytest.approx(0.995, abs=1e-6)
+
+
+def test_one_iteration_is_run():
+    fit = lbfgs.minimize(_quadratic(np.eye(2), np.ones(2)), np.zeros(2), max_iterations=1)
+    assert fit.iterations == 1

@@ -285,3 +285,11 @@ def test_probe_fits_equal_with_and_without_kernels(monkeypatch):
     without = m.fit_logistic_regression(x, labels, 10)
     assert (with_kernels - without).abs().max().item() < 1e-6
     assert m.content_leakage(codes, labels, seed=0) == leakage
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 10**6])
+def test_probe_rejects_labels_outside_the_classes(bad):
+    x = torch.randn(20, 3, dtype=torch.float64)
+    labels = torch.cat([torch.arange(19) % 10, torch.tensor([bad])])
+    with pytest.raises(ValueError, match=rf"invalid labels: .*{bad}.* in \[0, 10\)"):
+        m.fit_logistic_regression(x, labels, 10)

@@ -229,7 +229,8 @@ def _taking_tensors(name: str, function: Callable) -> Callable:
         status = function(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
         if status == NO_MEMORY:
             raise MemoryError(
-                f"C kernel {name}: out of memory for its per-image sums, try a smaller batch_size"
+                f"C kernel {name}: out of memory for its working arrays; for the training "
+                "kernels, a smaller batch_size needs less"
             )
         if status == ODD_PAD:
             raise ValueError(f"C kernel {name}: invalid odd pad, the stages take an even pad only")
@@ -241,8 +242,8 @@ def _taking_tensors(name: str, function: Callable) -> Callable:
 
 def _fall_back(reason: str) -> None:
     logger.warning(
-        "%s; training, decoding, the digit classifier and the leakage probe run in PyTorch "
-        "operations instead "
+        "%s; training, decoding and the digit classifier run in PyTorch operations instead, "
+        "and the leakage probe in NumPy "
         "(training about 1.6-2.1x slower)",
         reason,
     )
@@ -257,7 +258,9 @@ def kernels() -> Kernels | None:
     ``.failed`` file, or changing $CC, tries again.
     """
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in OFF_VALUES:
-        logger.info("C kernels turned off by %s; PyTorch operations run instead", ENV_SWITCH)
+        logger.info(
+            "C kernels turned off by %s; PyTorch and NumPy operations run instead", ENV_SWITCH
+        )
         return None
     compiler = _compiler()
     if compiler is None:
