@@ -70,3 +70,26 @@ def test_overhead_parts_add_up(tmp_path):
         if key != "in_trial_other":
             assert seconds >= 0, key
     assert sum(parts.values()) == pytest.approx(figures["rest_s_per_trial"], abs=1e-6)
+
+
+def test_memory_excludes_parent_peak(tmp_path):
+    # The parent touches 3 GiB before it runs the benchmark. A child that reported its
+    # ru_maxrss would show at least that much, because Linux carries the parent's peak
+    # into it. The trial itself stays far below 3 GiB.
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+        "held = bytearray(3 << 30)\n"
+        "held[::4096] = b'x' * len(range(0, len(held), 4096))\n"
+        "import speed\n"
+        "print(json.dumps(speed.memory(None)))\n"
+    )
+    log = tmp_path / "memory.log"
+    code = run([sys.executable, "-c", script], log, child_env(), 300)
+    output = log.read_text(errors="replace")
+    assert code == 0, output[-4000:]
+    figures = json.loads(output.strip().splitlines()[-1])
+    assert set(figures) == {"default", "largest of the default space"}
+    for name, values in figures.items():
+        assert 0 < values["imports_mib"] <= values["peak_mib"], name
+        assert values["peak_mib"] < 2048, name
