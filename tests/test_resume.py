@@ -33,7 +33,10 @@ from glo_search.searcher import STUDY_FILE, TUNE_TRIAL_ATTR
 from glo_search.storage import open_experiment, sqlite_url
 
 NUM_SAMPLES = 6
-MAX_EPOCHS = 4
+# ASHA's rungs are at epochs 1, 2 and 4 (grace period 1, reduction factor 2). Two more
+# epochs follow the last rung, so a trial that passes it reports results that are not
+# its last, and the other slot's trial may have ended by then.
+MAX_EPOCHS = 6
 
 
 def _sweep_command(storage) -> list[str]:
@@ -41,10 +44,11 @@ def _sweep_command(storage) -> list[str]:
         str(BIN / "glo-search"), "sweep", "--space", "report", "--storage", str(storage),
         "--name", "exp", "--num-samples", str(NUM_SAMPLES), "--max-epochs", str(MAX_EPOCHS),
         "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
-        # With 1,000 images a trial runs with reported results for about a second (an
-        # estimate), long enough for the test to catch that state. With 100 images the
-        # whole sweep ended first.
-        "--num-images", "1000", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
+        # With 2,000 images an epoch takes about a second on a 2-core VM (an estimate), so
+        # a running trial's results stay unflushed long enough for the test to catch
+        # them. With 100 images the whole sweep ended first, and with 1,000 the test
+        # missed that state in some runs.
+        "--num-images", "2000", "--swap-sources", "20", "--batch-size", "50", "--seed", "3",
         "--eval-every", "1",
         # A new worker per trial slows the trials, so the tests can catch the sweep
         # between two trials. With reused workers all 6 can end before the first check.
@@ -100,12 +104,23 @@ def test_resume_after_sigkill(tmp_path):
     env = child_env(RAY_TMPDIR=str(ray_dir))
     first, moved = tmp_path / "first", tmp_path / "moved"
     folder = first / "exp"
-    driver = start(_sweep_command(first), tmp_path / "sweep.log", env)
+    # Tune (Ray 2.60) saves its state every 10 s or more by default, and sooner only
+    # after a trial checkpoint, which can come before the trial's end is recorded. Two
+    # trials that end within a few seconds of each other then never show the state this
+    # test waits for: one trial ended in Tune's saved state while the other still runs.
+    # A 1 s period leaves that state open for most of the running trial's last epochs.
+    sweep_env = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = start(_sweep_command(first), tmp_path / "sweep.log", sweep_env)
     try:
         # Kill once a trial has ended in both the results and Tune's saved state, while
         # another is running with results that epochs.parquet does not have yet: the
         # state a crash of the driver leaves behind.
         def ended():
+            if driver.poll() is not None:
+                raise AssertionError(
+                    "the sweep ended before the test saw a finished trial and unflushed "
+                    "results of a running one; see " + str(tmp_path / "sweep.log")
+                )
             done = set(_finished_in_parquet(folder)) & _terminated_in_tune_state(folder)
             if not 1 <= len(done) < NUM_SAMPLES:
                 return None
