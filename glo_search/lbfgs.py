@@ -168,7 +168,7 @@ def _zoom(
 
 
 def _decreases(point: _Point, start: _Point) -> bool:
-    """The sufficient-decrease (Armijo) condition."""
+    """Return whether point meets the sufficient-decrease (Armijo) condition."""
     return point.value <= start.value + SUFFICIENT_DECREASE * point.t * start.slope
 
 

@@ -959,9 +959,9 @@ int winograd_conv_pool_relu(const float *restrict in, const float *restrict filt
  * The objective of content_leakage's logistic-regression probe (glo_search/metrics.py),
  * in double. Its value goes into loss[0] and its gradient into grad. The value is the
  * mean over the n rows of x of the cross-entropy of softmax(x w) against the labels y,
- * plus penalty times the sum of the squares of w outside its last row, which holds the
+ * plus penalty times the sum of the squares of w outside its last row, which is the
  * intercept. x is (n, f) with ones in its last column, w and grad are (f, k), and y
- * holds n class indices in [0, k), with k at most PROBE_MAX_CLASSES. One thread runs it,
+ * contains n class indices in [0, k), with k at most PROBE_MAX_CLASSES. One thread runs it,
  * because the probe's products are small, and its sums then do not depend on the number
  * of threads.
  *
@@ -1025,8 +1025,8 @@ static inline __attribute__((always_inline)) void probe_gradient(
     }
 }
 
-/* Turn the logits of rows [0, rows) into residuals (softmax - one-hot) / n, zero in the
- * padding and in rows past the last; return the sum of the rows' cross-entropies. */
+/* Turn the logits of rows [0, rows) into residuals (softmax - one-hot) / n, and set the
+ * padding and the rows past the last to zero. Return the sum of the rows' cross-entropies. */
 static double probe_residuals(double logits[PROBE_ROWS][PROBE_MAX_CLASSES],
                               const int64_t *restrict y, int64_t rows, int64_t k, int64_t n) {
     double total = 0.0;
