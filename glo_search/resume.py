@@ -176,7 +176,7 @@ def resume(
         return tuner.fit()
     finally:
         if searcher is not None:
-            searcher.sync_mirror()
+            searcher.finish()
 
 
 def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:

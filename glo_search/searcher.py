@@ -8,10 +8,12 @@ Optuna's own pruners leave them, and TPE then weighs them by the epoch they reac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import pickle
+import sqlite3
 import threading
 from typing import Any
 
@@ -22,6 +24,7 @@ from optuna.trial import TrialState
 from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
+from sqlalchemy import event
 
 from glo_search.metrics import METRICS
 from glo_search.storage import sqlite_path
@@ -115,6 +118,69 @@ def rehearse_study() -> None:
         storage_logger.removeFilter(quiet)
 
 
+def open_study_storage(url: str, write_ahead: bool = False) -> optuna.storages.RDBStorage:
+    """Open the study's SQLite storage in WAL mode (``write_ahead``) or in SQLite's default
+    mode, whose one file contains every record.
+
+    In the default mode SQLite syncs the file to disk and deletes a journal file at each
+    commit, and a trial's suggestion alone makes 9 or 10 commits. On a 2-core Intel Xeon VM
+    a suggestion from the `default` space took 21-26 ms that way and 10-12 ms in WAL mode
+    with synchronous=NORMAL, and a result's record 6-8 ms against 4 ms; a trial waits for
+    both. A commit in that mode survives a crash of the process. A power cut or an
+    operating system crash can lose the last commits but leaves the file consistent.
+    :func:`leave_write_ahead_log` returns the file to one self-contained file.
+    """
+    storage = optuna.storages.RDBStorage(url)
+    pragmas = WRITE_AHEAD_PRAGMAS if write_ahead else ONE_FILE_PRAGMAS
+    event.listen(
+        storage.engine, "connect", lambda connection, record: _execute_pragmas(connection, pragmas)
+    )
+    storage.engine.dispose()  # connections opened while the storage set itself up
+    return storage
+
+
+WRITE_AHEAD_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
+ONE_FILE_PRAGMAS = ("PRAGMA journal_mode=DELETE",)
+
+
+def _execute_pragmas(connection, statements: tuple[str, ...]) -> None:
+    cursor = connection.cursor()
+    try:
+        for statement in statements:
+            cursor.execute(statement)
+    except sqlite3.OperationalError as error:
+        # A journal mode stays as it is while another connection has the file open.
+        logger.warning("SQLite setting %r of the Optuna study failed: %s", statement, error)
+    finally:
+        cursor.close()
+
+
+def leave_write_ahead_log(url: str) -> None:
+    """Move a WAL-mode study's log into its file and return it to SQLite's default mode.
+
+    Without this, the newest records stay in ``optuna.db-wal`` next to the study until
+    SQLite next opens it, and opening the file then needs write access to its folder.
+    While another connection has the study open, the file stays in WAL mode; SQLite moves
+    the log into the file when the last connection closes.
+    """
+    path = sqlite_path(url)
+    if not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=1)) as connection:
+            (mode,) = connection.execute("PRAGMA journal_mode=DELETE").fetchone()
+    except sqlite3.OperationalError as error:  # "database is locked": another reader
+        mode = str(error)
+    if mode != "delete":
+        logger.info(
+            "the Optuna study %s stays in SQLite's WAL mode (%s): another connection has it "
+            "open; its records are safe, some in %s-wal until that connection closes",
+            path,
+            mode,
+            path.name,
+        )
+
+
 class _DropMessagesNaming(logging.Filter):
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -205,7 +271,8 @@ class GloOptunaSearch(OptunaSearch):
         trial_ids = self._saved_trial_ids or {
             trial_id: ot_trial._trial_id for trial_id, ot_trial in self._ot_trials.items()
         }
-        self._storage = optuna.storages.RDBStorage(self._study_url)
+        self._close_storage()
+        self._storage = self._open_storage()
         self._ot_study = optuna.load_study(
             study_name=self._study_name,
             storage=self._storage,
@@ -222,8 +289,13 @@ class GloOptunaSearch(OptunaSearch):
         if self._ot_study is None and self._space:
             self._open_study()
 
+    def _open_storage(self) -> optuna.storages.RDBStorage:
+        # A mirrored study is copied as one file after every change, so it keeps SQLite's
+        # default mode, whose file holds every commit.
+        return open_study_storage(self._study_url, write_ahead=self._mirror is None)
+
     def _setup_study(self, mode) -> None:
-        self._storage = optuna.storages.RDBStorage(self._study_url)
+        self._storage = self._open_storage()
         # Ray calls this again when a sweep resumes. The warm-start points are already in
         # the study from the first call, so enqueueing them again would run them twice.
         points = self._points_to_evaluate
@@ -357,6 +429,18 @@ class GloOptunaSearch(OptunaSearch):
         if epochs is None:
             self._completed_trials.add(trial_id)
         return epochs
+
+    def _close_storage(self) -> None:
+        if self._storage is not None:
+            self._storage.remove_session()
+            self._storage.engine.dispose()
+
+    def finish(self) -> None:
+        """Close the study at the end of a sweep: one self-contained file, mirrored."""
+        self._close_storage()
+        if self._mirror is None:
+            leave_write_ahead_log(self._study_url)
+        self.sync_mirror()
 
     def sync_mirror(self) -> None:
         """Copy the local SQLite study to the experiment folder, when it lives elsewhere."""

@@ -33,7 +33,13 @@ from glo_search.config import TrainConfig, config_keys, from_dict
 from glo_search.data import Dataset, load_dataset
 from glo_search.metrics import METRICS
 from glo_search.tensorboard import TrainingLog
-from glo_search.trainer import CHECKPOINT_FILE, Trainer, evaluation_due, read_checkpoint
+from glo_search.trainer import (
+    CHECKPOINT_FILE,
+    Trainer,
+    evaluation_due,
+    read_checkpoint,
+    swap_setup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +124,13 @@ def _dataset(config: TrainConfig) -> Dataset:
         _DATASETS.clear()  # sweeps train on one dataset; keep only the latest
         _DATASETS[key] = load_dataset(config)
     return _DATASETS[key]
+
+
+def prepare_worker(config: TrainConfig | None = None) -> None:
+    """Load ``config``'s digits (default: TrainConfig's) and their swaps into this process's
+    caches, as the first trial on them would."""
+    config = config or TrainConfig()
+    swap_setup(_dataset(config), config.swap_sources, config.seed)
 
 
 def _artifact_dir() -> Path:

@@ -51,7 +51,10 @@ def evaluation_due(epoch: int, config: TrainConfig, milestones: Collection[int] 
 _SWAP_CACHE = DatasetCache()
 
 
-def _swap_setup(dataset: Dataset, swap_sources: int, seed: int) -> tuple[m.Swaps, torch.Tensor]:
+def swap_setup(dataset: Dataset, swap_sources: int, seed: int) -> tuple[m.Swaps, torch.Tensor]:
+    """Return the cross-class swaps of the metrics and their sources' style attributes,
+    computed once per dataset object and settings."""
+
     def compute() -> tuple[m.Swaps, torch.Tensor]:
         swaps = m.build_swaps(dataset.labels, swap_sources, seed)
         return swaps, m.style_attributes(dataset.images[swaps.sources])
@@ -118,7 +121,7 @@ class Trainer:
         self.classifier = None
         if classifier_state:
             self.classifier = digit_classifier.build(classifier_state, self.device)
-        self.swaps, self.source_attributes = _swap_setup(dataset, config.swap_sources, config.seed)
+        self.swaps, self.source_attributes = swap_setup(dataset, config.swap_sources, config.seed)
 
     def train_epoch(self) -> float:
         """Run one pass over the images in a seeded random order; return the mean objective."""

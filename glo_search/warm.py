@@ -5,8 +5,9 @@ runtime environment and for the imports of torch and Ray Tune. That takes 3-5 s 
 cores, about as long as a 20-epoch trial of the default configuration trains there. Two
 settings move that wait ahead of the trials:
 
-- Ray started by glo-search imports ``glo_search.trainable`` in every worker process it
-  starts (Ray's ``preload_python_modules`` setting), before the worker takes work.
+- Ray started by glo-search imports ``glo_search.worker`` in every worker process it
+  starts (Ray's ``preload_python_modules`` setting), before the worker takes work. That
+  imports the trainer and loads the default digits.
 - ``warm_workers`` sends this node's raylet a request to start worker processes for the
   trials right away, with the runtime environment that Ray Tune gives its trial actors
   (Tune sets environment variables on them). A worker started without that environment, as
@@ -27,8 +28,9 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-# The module that Ray workers import at start. It imports torch, Ray Tune and the trainer.
-PRELOAD_MODULES = ("glo_search.trainable",)
+# The module that Ray workers import at start. It imports torch, Ray Tune and the trainer,
+# and loads the default digits (see glo_search.worker).
+PRELOAD_MODULES = ("glo_search.worker",)
 # Seconds during which the raylet does not stop a warmed worker for being idle. Without
 # it, the raylet stops idle workers beyond one per free CPU after about a second, and the
 # trials' placement groups take every free CPU before the trial actors arrive. After it,

@@ -1,6 +1,8 @@
 """Real sweeps through Ray Tune, OptunaSearch and ASHA on a few hundred digits."""
 
 import json
+import sqlite3
+from contextlib import closing
 
 import optuna
 import pandas as pd
@@ -79,6 +81,17 @@ def test_sweep_optuna_study_in_sqlite(small_sweep):
     assert len(study.trials) == 3
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert {"class_dim", "content_dim", "noise_std"} <= set(study.trials[0].params)
+
+
+def test_sweep_leaves_study_as_one_file(small_sweep):
+    """The study runs in SQLite's WAL mode; afterwards optuna.db alone contains every record,
+    so a copy of that file, or a read-only folder, still has the whole study."""
+    _, folder = small_sweep
+    assert not (folder / "optuna.db-wal").exists()
+    assert not (folder / "optuna.db-shm").exists()
+    with closing(sqlite3.connect(folder / "optuna.db")) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        assert connection.execute("SELECT COUNT(*) FROM trials").fetchone() == (3,)
 
 
 def test_sweep_records_experiment(small_sweep):

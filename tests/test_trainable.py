@@ -63,3 +63,19 @@ def test_reports_carry_part_timers(train, reports):
             assert result[name] >= 0.0, name
     assert reports[-1][2]["train_time_s"] > reports[0][2]["train_time_s"]
     assert reports[-1][2]["log_time_s"] >= reports[0][2]["log_time_s"]
+
+
+def test_prepared_worker_reuses_digits():
+    """A Ray worker's preload (glo_search.worker) leaves what a default trial loads first."""
+    from glo_search.trainer import swap_setup
+
+    trainable._DATASETS.clear()
+    trainable.prepare_worker()
+    config = TrainConfig()
+    dataset = trainable._dataset(config)
+    assert len(trainable._DATASETS) == 1
+    assert len(dataset) == config.num_images
+    swaps = swap_setup(dataset, config.swap_sources, config.seed)
+    assert swap_setup(dataset, config.swap_sources, config.seed) is swaps
+    trainer = Trainer(config, trainable._dataset(config), device="cpu")
+    assert trainer.swaps is swaps[0]
