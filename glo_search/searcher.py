@@ -12,9 +12,11 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import pickle
 import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -129,14 +131,56 @@ def open_study_storage(url: str, write_ahead: bool = False) -> optuna.storages.R
     both. A commit in that mode survives a crash of the process. A power cut or an
     operating system crash can lose the last commits but leaves the file consistent.
     :func:`leave_write_ahead_log` returns the file to one self-contained file.
+
+    Where the study's folder cannot hold a WAL-mode database (some network and parallel
+    filesystems lack the shared memory map it needs), the study keeps the default mode.
+
+    NOTE: WAL mode needs every connection on one host (SQLite's documentation). A study on
+    a network filesystem should not be read from another host while its sweep runs.
     """
     storage = optuna.storages.RDBStorage(url)
+    write_ahead = write_ahead and supports_write_ahead_log(sqlite_path(url).parent)
     pragmas = WRITE_AHEAD_PRAGMAS if write_ahead else ONE_FILE_PRAGMAS
     event.listen(
         storage.engine, "connect", lambda connection, record: _execute_pragmas(connection, pragmas)
     )
     storage.engine.dispose()  # connections opened while the storage set itself up
     return storage
+
+
+# Folders checked by supports_write_ahead_log in this process, with the outcome.
+_WRITE_AHEAD_FOLDERS: dict[str, bool] = {}
+
+
+def supports_write_ahead_log(folder: Path) -> bool:
+    """Return whether a WAL-mode SQLite database in ``folder`` takes writes.
+
+    On a filesystem without shared memory maps, SQLite reports WAL mode as set and then
+    fails at the first write, so a small database in the folder is written and removed.
+    """
+    key = str(folder.resolve())
+    if key in _WRITE_AHEAD_FOLDERS:
+        return _WRITE_AHEAD_FOLDERS[key]
+    probe = folder / f".glo-search-wal-probe-{os.getpid()}.db"
+    try:
+        with contextlib.closing(sqlite3.connect(probe, timeout=1)) as connection:
+            (mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
+            connection.execute("CREATE TABLE probe (x INTEGER)")
+            connection.execute("INSERT INTO probe VALUES (1)")
+            connection.commit()
+        supported = mode == "wal"
+    except sqlite3.Error as error:
+        logger.info(
+            "SQLite's WAL mode failed in %s (%s); the Optuna study uses the default mode",
+            folder,
+            error,
+        )
+        supported = False
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{probe}{suffix}").unlink(missing_ok=True)
+    _WRITE_AHEAD_FOLDERS[key] = supported
+    return supported
 
 
 WRITE_AHEAD_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
@@ -291,7 +335,7 @@ class GloOptunaSearch(OptunaSearch):
 
     def _open_storage(self) -> optuna.storages.RDBStorage:
         # A mirrored study is copied as one file after every change, so it keeps SQLite's
-        # default mode, whose file holds every commit.
+        # default mode, whose file contains every commit.
         return open_study_storage(self._study_url, write_ahead=self._mirror is None)
 
     def _setup_study(self, mode) -> None:

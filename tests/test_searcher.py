@@ -238,6 +238,20 @@ def test_finish_with_reader_keeps_records(tmp_path, caplog):
         assert copy.execute("SELECT COUNT(*) FROM trials").fetchone() == (1,)
 
 
+def test_wal_probe_leaves_no_files(tmp_path):
+    assert searcher_module.supports_write_ahead_log(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_wal_support_keeps_default_mode(tmp_path, monkeypatch):
+    """A folder whose filesystem cannot hold a WAL database gets the default mode."""
+    monkeypatch.setattr(searcher_module, "supports_write_ahead_log", lambda folder: False)
+    searcher = make_searcher(tmp_path)
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    assert journal_mode(tmp_path / "optuna.db") == "delete"
+    assert study_trial(tmp_path, "a").state == TrialState.COMPLETE
+
+
 def test_mirrored_study_stays_in_one_file(tmp_path):
     location = locate("mock:///bucket/runs", "wal")
     location.create()
