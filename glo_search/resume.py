@@ -176,7 +176,7 @@ def resume(
         return tuner.fit()
     finally:
         if searcher is not None:
-            searcher.finish()
+            searcher.sync_mirror()
 
 
 def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:

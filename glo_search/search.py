@@ -631,7 +631,7 @@ def _copy_study(search_alg, location: ExperimentLocation) -> None:
     # made after the last recorded change is what a resume then downloads.
     searcher = base_searcher(search_alg)
     if isinstance(searcher, GloOptunaSearch):
-        searcher.finish()
+        searcher.sync_mirror()
     if not location.is_local:
         logger.info("Optuna study copied to %s/%s", location.uri, STUDY_FILE)
 

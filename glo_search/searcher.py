@@ -8,15 +8,11 @@ Optuna's own pruners leave them, and TPE then weighs them by the epoch they reac
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-import os
 import pickle
-import sqlite3
 import threading
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -26,7 +22,6 @@ from optuna.trial import TrialState
 from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
-from sqlalchemy import event
 
 from glo_search.metrics import METRICS
 from glo_search.storage import sqlite_path
@@ -120,111 +115,6 @@ def rehearse_study() -> None:
         storage_logger.removeFilter(quiet)
 
 
-def open_study_storage(url: str, write_ahead: bool = False) -> optuna.storages.RDBStorage:
-    """Open the study's SQLite storage in WAL mode (``write_ahead``) or in SQLite's default
-    mode, whose one file contains every record.
-
-    In the default mode SQLite syncs the file to disk and deletes a journal file at each
-    commit, and a trial's suggestion alone makes 9 or 10 commits. On a 2-core Intel Xeon VM
-    a suggestion from the `default` space took 21-26 ms that way and 10-12 ms in WAL mode
-    with synchronous=NORMAL, and a result's record 6-8 ms against 4 ms; a trial waits for
-    both. A commit in that mode survives a crash of the process. A power cut or an
-    operating system crash can lose the last commits but leaves the file consistent.
-    :func:`leave_write_ahead_log` returns the file to one self-contained file.
-
-    Where the study's folder cannot hold a WAL-mode database (some network and parallel
-    filesystems lack the shared memory map it needs), the study keeps the default mode.
-
-    NOTE: WAL mode needs every connection on one host (SQLite's documentation). A study on
-    a network filesystem should not be read from another host while its sweep runs.
-    """
-    storage = optuna.storages.RDBStorage(url)
-    write_ahead = write_ahead and supports_write_ahead_log(sqlite_path(url).parent)
-    pragmas = WRITE_AHEAD_PRAGMAS if write_ahead else ONE_FILE_PRAGMAS
-    event.listen(
-        storage.engine, "connect", lambda connection, record: _execute_pragmas(connection, pragmas)
-    )
-    storage.engine.dispose()  # connections opened while the storage set itself up
-    return storage
-
-
-# Folders checked by supports_write_ahead_log in this process, with the outcome.
-_WRITE_AHEAD_FOLDERS: dict[str, bool] = {}
-
-
-def supports_write_ahead_log(folder: Path) -> bool:
-    """Return whether a WAL-mode SQLite database in ``folder`` takes writes.
-
-    On a filesystem without shared memory maps, SQLite reports WAL mode as set and then
-    fails at the first write, so a small database in the folder is written and removed.
-    """
-    key = str(folder.resolve())
-    if key in _WRITE_AHEAD_FOLDERS:
-        return _WRITE_AHEAD_FOLDERS[key]
-    probe = folder / f".glo-search-wal-probe-{os.getpid()}.db"
-    try:
-        with contextlib.closing(sqlite3.connect(probe, timeout=1)) as connection:
-            (mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
-            connection.execute("CREATE TABLE probe (x INTEGER)")
-            connection.execute("INSERT INTO probe VALUES (1)")
-            connection.commit()
-        supported = mode == "wal"
-    except sqlite3.Error as error:
-        logger.info(
-            "SQLite's WAL mode failed in %s (%s); the Optuna study uses the default mode",
-            folder,
-            error,
-        )
-        supported = False
-    finally:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{probe}{suffix}").unlink(missing_ok=True)
-    _WRITE_AHEAD_FOLDERS[key] = supported
-    return supported
-
-
-WRITE_AHEAD_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
-ONE_FILE_PRAGMAS = ("PRAGMA journal_mode=DELETE",)
-
-
-def _execute_pragmas(connection, statements: tuple[str, ...]) -> None:
-    cursor = connection.cursor()
-    try:
-        for statement in statements:
-            cursor.execute(statement)
-    except sqlite3.OperationalError as error:
-        # A journal mode stays as it is while another connection has the file open.
-        logger.warning("SQLite setting %r of the Optuna study failed: %s", statement, error)
-    finally:
-        cursor.close()
-
-
-def leave_write_ahead_log(url: str) -> None:
-    """Move a WAL-mode study's log into its file and return it to SQLite's default mode.
-
-    Without this, the newest records stay in ``optuna.db-wal`` next to the study until
-    SQLite next opens it, and opening the file then needs write access to its folder.
-    While another connection has the study open, the file stays in WAL mode; SQLite moves
-    the log into the file when the last connection closes.
-    """
-    path = sqlite_path(url)
-    if not path.is_file():
-        return
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=1)) as connection:
-            (mode,) = connection.execute("PRAGMA journal_mode=DELETE").fetchone()
-    except sqlite3.OperationalError as error:  # "database is locked": another reader
-        mode = str(error)
-    if mode != "delete":
-        logger.info(
-            "the Optuna study %s stays in SQLite's WAL mode (%s): another connection has it "
-            "open; its records are safe, some in %s-wal until that connection closes",
-            path,
-            mode,
-            path.name,
-        )
-
-
 class _DropMessagesNaming(logging.Filter):
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -315,8 +205,7 @@ class GloOptunaSearch(OptunaSearch):
         trial_ids = self._saved_trial_ids or {
             trial_id: ot_trial._trial_id for trial_id, ot_trial in self._ot_trials.items()
         }
-        self._close_storage()
-        self._storage = self._open_storage()
+        self._storage = optuna.storages.RDBStorage(self._study_url)
         self._ot_study = optuna.load_study(
             study_name=self._study_name,
             storage=self._storage,
@@ -333,13 +222,8 @@ class GloOptunaSearch(OptunaSearch):
         if self._ot_study is None and self._space:
             self._open_study()
 
-    def _open_storage(self) -> optuna.storages.RDBStorage:
-        # A mirrored study is copied as one file after every change, so it keeps SQLite's
-        # default mode, whose file contains every commit.
-        return open_study_storage(self._study_url, write_ahead=self._mirror is None)
-
     def _setup_study(self, mode) -> None:
-        self._storage = self._open_storage()
+        self._storage = optuna.storages.RDBStorage(self._study_url)
         # Ray calls this again when a sweep resumes. The warm-start points are already in
         # the study from the first call, so enqueueing them again would run them twice.
         points = self._points_to_evaluate
@@ -473,18 +357,6 @@ class GloOptunaSearch(OptunaSearch):
         if epochs is None:
             self._completed_trials.add(trial_id)
         return epochs
-
-    def _close_storage(self) -> None:
-        if self._storage is not None:
-            self._storage.remove_session()
-            self._storage.engine.dispose()
-
-    def finish(self) -> None:
-        """Close the study at the end of a sweep: one self-contained file, mirrored."""
-        self._close_storage()
-        if self._mirror is None:
-            leave_write_ahead_log(self._study_url)
-        self.sync_mirror()
 
     def sync_mirror(self) -> None:
         """Copy the local SQLite study to the experiment folder, when it lives elsewhere."""

@@ -6,7 +6,6 @@ import logging
 import math
 import shutil
 import sqlite3
-from contextlib import closing
 from pathlib import Path
 
 import alembic.script
@@ -200,66 +199,6 @@ def test_searcher_mirrors_study_to_object_store(tmp_path):
     searcher.relocate(sqlite_url(tmp_path / "optuna.db"), (location, "optuna.db"))
     run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
     assert location.read_bytes("optuna.db") == (tmp_path / "optuna.db").read_bytes()
-
-
-def journal_mode(path) -> str:
-    with closing(sqlite3.connect(path)) as connection:
-        return connection.execute("PRAGMA journal_mode").fetchone()[0]
-
-
-def test_study_in_wal_until_finish(tmp_path):
-    searcher = make_searcher(tmp_path)
-    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
-    searcher.suggest("b")
-    assert journal_mode(tmp_path / "optuna.db") == "wal"
-    with closing(sqlite3.connect(tmp_path / "optuna.db")) as reader:  # mid-sweep reader
-        states = reader.execute("SELECT state FROM trials ORDER BY trial_id").fetchall()
-    assert states == [("COMPLETE",), ("RUNNING",)]
-
-    searcher.finish()
-    assert journal_mode(tmp_path / "optuna.db") == "delete"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["optuna.db"]
-    assert study_trial(tmp_path, "b").state == TrialState.RUNNING
-
-
-def test_finish_with_reader_keeps_records(tmp_path, caplog):
-    searcher = make_searcher(tmp_path)
-    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
-    with closing(sqlite3.connect(tmp_path / "optuna.db")) as reader:
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM trials").fetchone()  # keeps a read lock
-        with caplog.at_level(logging.INFO, logger="glo_search.searcher"):
-            searcher.finish()
-        assert "stays in SQLite's WAL mode" in caplog.text
-        reader.rollback()
-    # The last connection to close moves the log into the file.
-    assert not (tmp_path / "optuna.db-wal").exists()
-    with closing(sqlite3.connect(f"file:{tmp_path / 'optuna.db'}?mode=ro", uri=True)) as copy:
-        assert copy.execute("SELECT COUNT(*) FROM trials").fetchone() == (1,)
-
-
-def test_wal_probe_leaves_no_files(tmp_path):
-    assert searcher_module.supports_write_ahead_log(tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_no_wal_support_keeps_default_mode(tmp_path, monkeypatch):
-    """A folder whose filesystem cannot hold a WAL database gets the default mode."""
-    monkeypatch.setattr(searcher_module, "supports_write_ahead_log", lambda folder: False)
-    searcher = make_searcher(tmp_path)
-    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
-    assert journal_mode(tmp_path / "optuna.db") == "delete"
-    assert study_trial(tmp_path, "a").state == TrialState.COMPLETE
-
-
-def test_mirrored_study_stays_in_one_file(tmp_path):
-    location = locate("mock:///bucket/runs", "wal")
-    location.create()
-    searcher = make_searcher(tmp_path)
-    searcher.relocate(sqlite_url(tmp_path / "optuna.db"), (location, "optuna.db"))
-    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
-    assert journal_mode(tmp_path / "optuna.db") == "delete"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["optuna.db"]
 
 
 @pytest.mark.parametrize("folder", ["p%41q", "a?b", "a#b", "a b"])
