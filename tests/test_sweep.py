@@ -84,8 +84,8 @@ def test_sweep_optuna_study_in_sqlite(small_sweep):
 
 
 def test_sweep_leaves_study_as_one_file(small_sweep):
-    """optuna.db alone contains every record, so a copy of that file, or of the folder on
-    read-only media, still has the whole study."""
+    """optuna.db alone contains every record, in SQLite's default journal mode, so a copy
+    of that file, or of the folder on read-only media, opens with the whole study."""
     _, folder = small_sweep
     assert not (folder / "optuna.db-wal").exists()
     assert not (folder / "optuna.db-shm").exists()

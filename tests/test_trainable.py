@@ -65,17 +65,25 @@ def test_reports_carry_part_timers(train, reports):
     assert reports[-1][2]["log_time_s"] >= reports[0][2]["log_time_s"]
 
 
-def test_prepared_worker_reuses_digits():
+def test_prepared_worker_reuses_digits(monkeypatch):
     """A Ray worker's preload (glo_search.worker) leaves what a default trial loads first."""
-    from glo_search.trainer import swap_setup
+    from glo_search import trainer as trainer_module
 
     trainable._DATASETS.clear()
     trainable.prepare_worker()
+    assert len(trainable._DATASETS) == 1
+    (prepared,) = trainable._DATASETS.values()
+
+    def no_new_swaps(*args, **kwargs):
+        raise AssertionError("the swaps were computed again")
+
+    # A default trial after the preparation reads both caches and computes nothing.
+    monkeypatch.setattr(trainer_module.m, "build_swaps", no_new_swaps)
     config = TrainConfig()
     dataset = trainable._dataset(config)
-    assert len(trainable._DATASETS) == 1
+    assert dataset is prepared
     assert len(dataset) == config.num_images
-    swaps = swap_setup(dataset, config.swap_sources, config.seed)
-    assert swap_setup(dataset, config.swap_sources, config.seed) is swaps
-    trainer = Trainer(config, trainable._dataset(config), device="cpu")
+    swaps = trainer_module.swap_setup(dataset, config.swap_sources, config.seed)
+    trainer = Trainer(config, dataset, device="cpu")
     assert trainer.swaps is swaps[0]
+    assert trainer.source_attributes is swaps[1]

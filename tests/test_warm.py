@@ -15,7 +15,7 @@ from glo_search.search import ray_init_options
 from glo_search.warm import PRELOAD_MODULES, trial_runtime_env, warm_workers
 
 
-def test_local_ray_preloads_trainable():
+def test_local_ray_preloads_worker():
     config = ray_init_options(None, 2, None)["_system_config"]
     assert config["preload_python_modules"] == ["glo_search.worker"]
     assert config["prestart_worker_first_driver"] is False
