@@ -466,3 +466,49 @@ def test_winograd_kernel_matches_float64_convolution(height, width):
         out, 6, height, width,
     )  # fmt: skip
     _assert_winograd_near(out, _second_layer_in_float64(maps, weight, bias), "random maps")
+
+
+def _targets_avx512() -> bool:
+    """Whether the kernels' build here (-march=native) compiles their AVX-512 paths."""
+    command = [*native._compiler().split(), "-march=native", "-dM", "-E", "-x", "c", "-"]
+    result = subprocess.run(command, input="", capture_output=True, text=True, check=False)
+    return "__AVX512F__" in result.stdout
+
+
+def test_classifier_kernels_same_bits_without_avx512(fresh_build, monkeypatch):
+    # Where the compiler targets AVX-512, the classifier's kernels take 16 floats per
+    # vector instead of 8. Each sum adds the same products in the same order, so a build
+    # without AVX-512 must give the same bits.
+    if not _targets_avx512():
+        pytest.skip("the compiler here does not target AVX-512, so both builds are one")
+    from glo_search import classifier
+
+    wide = native.kernels()
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512f"])
+    native.kernels.cache_clear()
+    narrow = native.kernels()
+    assert wide is not None
+    assert narrow is not None
+    assert narrow is not wide
+
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(9, 28, 28, generator=generator)
+    images[0] = 0.0  # an all-background digit: every sum is the bias
+    first_weight = torch.randn(9, 32, generator=generator) / 3
+    first_bias = torch.randn(32, generator=generator) / 3
+    second = torch.randn(64, 32, 3, 3, generator=generator) / 17
+    second_bias = torch.randn(64, generator=generator)
+    results = []
+    for lib in (wide, narrow):
+        pooled = torch.full((9, 12, 12, 32), float("nan"))
+        lib.conv_pool_relu(images, first_weight, first_bias, pooled, 9, 28, 28, 12, 12)
+        maps = torch.full((9, 64, 5, 5), float("nan"))
+        lib.winograd_conv_pool_relu(
+            pooled, classifier._winograd_filter(second), second_bias, maps, 9, 12, 12
+        )
+        results.append((pooled, maps))
+    (wide_pooled, wide_maps), (narrow_pooled, narrow_maps) = results
+    assert torch.equal(wide_pooled, narrow_pooled)
+    assert torch.equal(wide_maps, narrow_maps)
+    assert (wide_maps > 0).any()  # the ReLU kept some values
+    assert (wide_maps == 0).any()  # and cut others

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from glo_search import trainable
+from glo_search import probes, trainable
 from glo_search.config import TrainConfig
 from glo_search.trainer import Trainer
 
@@ -77,8 +77,13 @@ def test_prepared_worker_reuses_digits(monkeypatch):
     def no_new_swaps(*args, **kwargs):
         raise AssertionError("the swaps were computed again")
 
-    # A default trial after the preparation reads both caches and computes nothing.
+    def no_new_probes(*args, **kwargs):
+        raise AssertionError("the probe rows were selected again")
+
+    # A default trial after the preparation reads the caches and computes nothing.
     monkeypatch.setattr(trainer_module.m, "build_swaps", no_new_swaps)
+    monkeypatch.setattr(probes, "select_probes", no_new_probes)
+    assert len(probes.dataset_probes(prepared, TrainConfig().seed)) > 0
     config = TrainConfig()
     dataset = trainable._dataset(config)
     assert dataset is prepared

