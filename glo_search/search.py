@@ -44,6 +44,7 @@ from glo_search.searcher import (
     GloOptunaSearch,
     RelocatableSearchGenerator,
     base_searcher,
+    prepare_empty_study_file,
     rehearse_study,
 )
 from glo_search.spaces import ResolvedSpace, resolve
@@ -478,9 +479,11 @@ def _start_study_preparation() -> threading.Thread:
     which took 0.45 s of the 0.65 s it took to create the study (Optuna 5.1, one core of
     a 2-core AMD EPYC VM), and every RDBStorage reads Optuna's migration scripts
     (see :func:`glo_search.searcher.share_migration_scripts`). SQLAlchemy also configures
-    its mappers on a process's first query (see :func:`glo_search.searcher.rehearse_study`).
-    All of that then happens while the sweep loads its data and Ray starts, instead of
-    before the first trial is requested.
+    its mappers on a process's first query (see :func:`glo_search.searcher.rehearse_study`),
+    and a new study file starts as a copy of a prepared one that holds Optuna's tables (see
+    :func:`glo_search.searcher.prepare_empty_study_file`). All of that then happens while
+    the sweep loads its data and Ray starts, instead of before the first trial is
+    requested.
     """
 
     def prepare() -> None:
@@ -493,6 +496,7 @@ def _start_study_preparation() -> threading.Thread:
         except ImportError as error:
             logger.debug("importing the study storage's modules failed: %s", error)
         rehearse_study()
+        prepare_empty_study_file()
 
     thread = threading.Thread(target=prepare, name="study-preparation", daemon=True)
     thread.start()

@@ -12,7 +12,9 @@ import copy
 import logging
 import math
 import pickle
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -23,8 +25,9 @@ from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from glo_search.io import atomic_write_bytes
 from glo_search.metrics import METRICS
-from glo_search.storage import sqlite_path
+from glo_search.storage import sqlite_path, sqlite_url
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,42 @@ def share_migration_scripts() -> None:
 
         shared.shared_script = script
         _VersionManager._create_alembic_script = shared
+
+
+# The bytes of a SQLite study file holding Optuna's tables and no study, once prepared.
+_empty_study_file: bytes | None = None
+
+
+def prepare_empty_study_file() -> None:
+    """Build, once per process, a SQLite file with Optuna's tables and no study in it,
+    which each new study file of the process then starts from.
+
+    Optuna creates a new study file's tables one committed statement at a time. On a
+    2-core Intel Xeon VM that took 25-27 ms, where writing the prepared file took 0.1-0.2
+    ms and opening it 4 ms. A sweep prepares it while it checks its data.
+    """
+    global _empty_study_file
+    if _empty_study_file is not None:
+        return
+    try:
+        with tempfile.TemporaryDirectory(prefix="glo-search-study-") as folder:
+            path = Path(folder) / STUDY_FILE
+            optuna.storages.RDBStorage(sqlite_url(path)).engine.dispose()
+            content = path.read_bytes()
+    except Exception as error:  # noqa: BLE001 - each study then creates its own tables
+        logger.debug("preparing an empty study file failed: %s", error)
+        return
+    _empty_study_file = content
+
+
+def _start_study_file(url: str) -> None:
+    """Write the prepared empty study file where the SQLite URL points, if no file is there."""
+    content = _empty_study_file
+    if content is None or not url.startswith("sqlite:///"):
+        return
+    path = sqlite_path(url)
+    if not path.exists():
+        atomic_write_bytes(path, content)
 
 
 _rehearsed = False
@@ -223,6 +262,7 @@ class GloOptunaSearch(OptunaSearch):
             self._open_study()
 
     def _setup_study(self, mode) -> None:
+        _start_study_file(self._study_url)
         self._storage = optuna.storages.RDBStorage(self._study_url)
         # Ray calls this again when a sweep resumes. The warm-start points are already in
         # the study from the first call, so enqueueing them again would run them twice.

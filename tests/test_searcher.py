@@ -20,6 +20,7 @@ from glo_search.searcher import (
     REHEARSAL_STUDY,
     TUNE_TRIAL_ATTR,
     GloOptunaSearch,
+    prepare_empty_study_file,
     rehearse_study,
     share_migration_scripts,
 )
@@ -264,3 +265,32 @@ def test_study_rehearsal_is_silent_and_leaves_logging_alone(tmp_path, monkeypatc
         optuna.logging.set_verbosity(previous)
     assert REHEARSAL_STUDY not in caplog.text
     assert "A new study created in RDB with name: after" in caplog.text
+
+
+def test_new_study_starts_from_the_prepared_file(tmp_path, monkeypatch):
+    # A sweep prepares a file with Optuna's tables while it starts, and each new study
+    # file is a copy of it. A study file that exists already (a resumed sweep) is kept.
+    monkeypatch.setattr(searcher_module, "_empty_study_file", None)
+    prepare_empty_study_file()
+    # Mark the prepared file, to tell a copy of it from a file that Optuna built.
+    marked = tmp_path / "marked.db"
+    marked.write_bytes(searcher_module._empty_study_file)
+    with sqlite3.connect(marked) as connection:
+        connection.execute("CREATE TABLE prepared_here (x INTEGER)")
+    connection.close()
+    monkeypatch.setattr(searcher_module, "_empty_study_file", marked.read_bytes())
+
+    (tmp_path / "new").mkdir()
+    searcher = make_searcher(tmp_path / "new")
+    run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
+    assert study_trial(tmp_path / "new", "a").state == TrialState.COMPLETE
+    with sqlite3.connect(tmp_path / "new" / "optuna.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "prepared_here" in tables
+
+    (tmp_path / "resumed").mkdir()
+    searcher = make_searcher(tmp_path / "resumed")
+    run_trial(searcher, "b", [0.1, 0.2, 0.3, 0.4])
+    make_searcher(tmp_path / "resumed")
+    assert study_trial(tmp_path / "resumed", "b").state == TrialState.COMPLETE
