@@ -12,9 +12,7 @@ import copy
 import logging
 import math
 import pickle
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -24,10 +22,11 @@ from optuna.trial import TrialState
 from ray import cloudpickle
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
+from sqlalchemy.engine import make_url
 
 from glo_search.io import atomic_write_bytes
 from glo_search.metrics import METRICS
-from glo_search.storage import sqlite_path, sqlite_url
+from glo_search.storage import sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +81,20 @@ def prepare_empty_study_file() -> None:
 
     Optuna creates a new study file's tables one committed statement at a time. On a
     2-core Intel Xeon VM that took 25-27 ms, where writing the prepared file took 0.1-0.2
-    ms and opening it 4 ms. A sweep prepares it while it checks its data.
+    ms and opening it 4 ms. A sweep prepares it while it checks its data. It is built in
+    memory, so that a process that exits meanwhile leaves no file behind.
     """
     global _empty_study_file
     if _empty_study_file is not None:
         return
     try:
-        with tempfile.TemporaryDirectory(prefix="glo-search-study-") as folder:
-            path = Path(folder) / STUDY_FILE
-            optuna.storages.RDBStorage(sqlite_url(path)).engine.dispose()
-            content = path.read_bytes()
+        storage = optuna.storages.RDBStorage("sqlite://")
+        connection = storage.engine.raw_connection()  # the in-memory database's connection
+        try:
+            content = connection.driver_connection.serialize()
+        finally:
+            connection.close()
+            storage.engine.dispose()
     except Exception as error:  # noqa: BLE001 - each study then creates its own tables
         logger.debug("preparing an empty study file failed: %s", error)
         return
@@ -99,9 +102,15 @@ def prepare_empty_study_file() -> None:
 
 
 def _start_study_file(url: str) -> None:
-    """Write the prepared empty study file where the SQLite URL points, if no file is there."""
+    """Write the prepared empty study file where a SQLite URL names a file, if none is
+    there yet. URLs of in-memory databases and URLs with options are left to SQLite."""
     content = _empty_study_file
-    if content is None or not url.startswith("sqlite:///"):
+    if content is None:
+        return
+    parts = make_url(url)
+    if parts.get_backend_name() != "sqlite" or parts.query:
+        return
+    if parts.database in (None, "", ":memory:"):
         return
     path = sqlite_path(url)
     if not path.exists():

@@ -27,6 +27,7 @@ from glo_search.searcher import (
 from glo_search.storage import locate, sqlite_path, sqlite_url
 
 METRIC = "disentanglement"
+MEMORY_URI = "sqlite:///file:memory-study?mode=memory&uri=true"
 MAX_EPOCHS = 4
 SPACE = {
     "class_dim": CategoricalDistribution([5, 10]),
@@ -294,3 +295,12 @@ def test_new_study_starts_from_the_prepared_file(tmp_path, monkeypatch):
     run_trial(searcher, "b", [0.1, 0.2, 0.3, 0.4])
     make_searcher(tmp_path / "resumed")
     assert study_trial(tmp_path / "resumed", "b").state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", MEMORY_URI])
+def test_in_memory_studies_get_no_prepared_file(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    prepare_empty_study_file()
+    assert searcher_module._empty_study_file is not None
+    searcher_module._start_study_file(url)
+    assert list(tmp_path.iterdir()) == []

@@ -894,11 +894,14 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
 #define SECOND_IN 32
 #define SECOND_OUT 64
 #define TILE_GROUP 5 /* tiles whose products share each load of the filter */
-/* output channels whose sums for TILE_GROUP tiles stay in 10 vector registers */
+/* output channels whose sums for TILE_GROUP tiles stay in 10 vector registers, and the
+ * bytes of one vector, to which the working arrays are aligned */
 #ifdef __AVX512F__
 #define OUT_GROUP 32
+#define VECTOR_BYTES 64
 #else
 #define OUT_GROUP 16
+#define VECTOR_BYTES 32
 #endif
 
 /* v[xi][t][c] = (B^T d B)[xi] for tile t of the group, whose 4x4 patch d starts at patch
@@ -1012,12 +1015,12 @@ int winograd_conv_pool_relu(const float *restrict in, const float *restrict filt
         const float *image = in + b * height * width * SECOND_IN;
         float *maps = out + b * SECOND_OUT * pooled;
         /* Tiles go in groups of TILE_GROUP in row-major order, which may span tile rows. The
-         * arrays are aligned so that GCC stores whole vectors: tuned for Zen 1, it splits
-         * each store of 32 bytes that it cannot prove aligned into two. */
+         * arrays are aligned to VECTOR_BYTES: GCC tuned for Zen 1 splits each store of 32
+         * bytes that it cannot prove aligned into two. */
         for (int64_t first = 0; first < pooled; first += TILE_GROUP) {
             const int tiles = pooled - first < TILE_GROUP ? (int)(pooled - first) : TILE_GROUP;
             /* transformed inputs [xi][tile][in], zero for tiles past the last */
-            _Alignas(32) float v[16 * TILE_GROUP * SECOND_IN];
+            _Alignas(VECTOR_BYTES) float v[16 * TILE_GROUP * SECOND_IN];
             for (int t = 0; t < TILE_GROUP; t++) {
                 if (t < tiles) {
                     const int64_t py = (first + t) / pooled_w, px = (first + t) % pooled_w;
@@ -1029,10 +1032,10 @@ int winograd_conv_pool_relu(const float *restrict in, const float *restrict filt
                 }
             }
             for (int64_t o = 0; o < SECOND_OUT; o += OUT_GROUP) {
-                _Alignas(32) float m[16][TILE_GROUP][OUT_GROUP];
+                _Alignas(VECTOR_BYTES) float m[16][TILE_GROUP][OUT_GROUP];
                 winograd_products(m, v, filter + o);
                 /* the pooled maps' values [tile][output channel], stored transposed */
-                _Alignas(32) float pooled_values[TILE_GROUP][OUT_GROUP];
+                _Alignas(VECTOR_BYTES) float pooled_values[TILE_GROUP][OUT_GROUP];
                 for (int t = 0; t < tiles; t++) {
                     for (int h = 0; h < OUT_GROUP; h += 8) {
                         const lanes8 best =
