@@ -134,8 +134,7 @@ static inline lanes8 max8(lanes8 a, lanes8 b) {
 }
 
 #ifdef __AVX512F__
-/* 16 floats: one AVX-512 register. The classifier's kernels use it where the compiler
- * targets AVX-512; each sum still adds its products in the same order. */
+/* 16 floats: one AVX-512 register */
 typedef float lanes16 __attribute__((vector_size(64)));
 typedef int32_t mask16 __attribute__((vector_size(64)));
 
@@ -152,6 +151,22 @@ static inline lanes16 max16(lanes16 a, lanes16 b) {
     const mask16 greater = a > b;
     return (lanes16)((greater & (mask16)a) | (~greater & (mask16)b));
 }
+#endif
+
+/* The widest vector of floats that the classifier's kernels use: 16 floats with AVX-512,
+ * else 8. Each sum adds its products in the same order at either width. */
+#ifdef __AVX512F__
+typedef lanes16 wide_lanes;
+#define WIDE 16
+#define WIDE_LOAD load16
+#define WIDE_STORE store16
+#define WIDE_MAX max16
+#else
+typedef lanes8 wide_lanes;
+#define WIDE 8
+#define WIDE_LOAD load8
+#define WIDE_STORE store8
+#define WIDE_MAX max8
 #endif
 
 /* The top-left output pixel of input pixel (h, w)'s tap t in an image of out_w columns,
@@ -789,34 +804,21 @@ int norm_relu_backward(const float *restrict grad_active, const float *restrict 
  * first Hp rows and Wp columns of the pooled maps, at most (H - 2) / 2 and (W - 2) / 2.
  */
 #define FIRST_CHANNELS 32
-/* The channels go in vectors of CONV_WIDTH floats. With AVX-512, 32 channels fill two
- * registers, and the first layer took 0.0035 s instead of 0.0084 s for 1,350 images on
- * one core of a 2-core Intel Xeon VM. */
-#ifdef __AVX512F__
-typedef lanes16 conv_lanes;
-#define CONV_WIDTH 16
-#define CONV_LOAD load16
-#define CONV_STORE store16
-#define CONV_MAX max16
-#else
-typedef lanes8 conv_lanes;
-#define CONV_WIDTH 8
-#define CONV_LOAD load8
-#define CONV_STORE store8
-#define CONV_MAX max8
-#endif
+/* The channels go in wide vectors. With AVX-512, 32 channels fill two registers, and the
+ * first layer took 0.0035 s instead of 0.0084 s for 1,350 images on one core of a 2-core
+ * Intel Xeon VM. */
 int conv_pool_relu(const float *restrict images, const float *restrict weight,
                    const float *restrict bias, float *restrict out, int64_t batch,
                    int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w) {
-    enum { GROUPS = FIRST_CHANNELS / CONV_WIDTH };
-    conv_lanes w[9][GROUPS], b0[GROUPS];
+    enum { GROUPS = FIRST_CHANNELS / WIDE };
+    wide_lanes w[9][GROUPS], b0[GROUPS];
     for (int g = 0; g < GROUPS; g++) {
-        b0[g] = CONV_LOAD(bias + CONV_WIDTH * g);
+        b0[g] = WIDE_LOAD(bias + WIDE * g);
         for (int t = 0; t < 9; t++) {
-            w[t][g] = CONV_LOAD(weight + t * FIRST_CHANNELS + CONV_WIDTH * g);
+            w[t][g] = WIDE_LOAD(weight + t * FIRST_CHANNELS + WIDE * g);
         }
     }
-    const conv_lanes zero = {0};
+    const wide_lanes zero = {0};
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
         const float *image = images + b * height * width;
@@ -827,9 +829,9 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
                 for (int i = 0; i < 16; i++) {
                     patch[i] = image[(2 * py + i / 4) * width + 2 * px + i % 4];
                 }
-                conv_lanes best[GROUPS];
+                wide_lanes best[GROUPS];
                 for (int d = 0; d < 4; d++) {
-                    conv_lanes sum[GROUPS];
+                    wide_lanes sum[GROUPS];
                     for (int g = 0; g < GROUPS; g++) {
                         sum[g] = b0[g];
                     }
@@ -840,12 +842,12 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
                         }
                     }
                     for (int g = 0; g < GROUPS; g++) {
-                        best[g] = d == 0 ? sum[g] : CONV_MAX(sum[g], best[g]);
+                        best[g] = d == 0 ? sum[g] : WIDE_MAX(sum[g], best[g]);
                     }
                 }
                 float *dst = out + ((b * pooled_h + py) * pooled_w + px) * FIRST_CHANNELS;
                 for (int g = 0; g < GROUPS; g++) {
-                    CONV_STORE(dst + CONV_WIDTH * g, CONV_MAX(best[g], zero));
+                    WIDE_STORE(dst + WIDE * g, WIDE_MAX(best[g], zero));
                 }
             }
         }
@@ -871,15 +873,8 @@ int conv_pool_relu(const float *restrict images, const float *restrict weight,
 #define SECOND_IN 32
 #define SECOND_OUT 64
 #define TILE_GROUP 5 /* tiles whose products share each load of the filter */
-/* output channels whose sums for TILE_GROUP tiles stay in 10 vector registers, and the
- * bytes of one vector, to which the working arrays are aligned */
-#ifdef __AVX512F__
-#define OUT_GROUP 32
-#define VECTOR_BYTES 64
-#else
-#define OUT_GROUP 16
-#define VECTOR_BYTES 32
-#endif
+/* output channels whose sums for TILE_GROUP tiles stay in 10 vector registers */
+#define OUT_GROUP (2 * WIDE)
 
 /* v[xi][t][c] = (B^T d B)[xi] for tile t of the group, whose 4x4 patch d starts at patch
  * in an image of width columns. B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. */
@@ -935,40 +930,19 @@ static void winograd_products(float m[16][TILE_GROUP][OUT_GROUP], const float *r
     for (int xi = 0; xi < 16; xi++) {
         const float *u = filter + xi * SECOND_IN * SECOND_OUT;
         const float *vx = v + xi * TILE_GROUP * SECOND_IN;
-#ifdef __AVX512F__
-        lanes16 sum[TILE_GROUP][OUT_GROUP / 16] = {{{0}}};
+        wide_lanes sum[TILE_GROUP][2] = {{{0}}};
         for (int c = 0; c < SECOND_IN; c++) {
-            lanes16 w[OUT_GROUP / 16];
-            for (int k = 0; k < OUT_GROUP / 16; k++) {
-                w[k] = load16(u + c * SECOND_OUT + 16 * k);
-            }
-            for (int t = 0; t < TILE_GROUP; t++) {
-                const float x = vx[t * SECOND_IN + c];
-                for (int k = 0; k < OUT_GROUP / 16; k++) {
-                    sum[t][k] += x * w[k];
-                }
-            }
-        }
-        for (int t = 0; t < TILE_GROUP; t++) {
-            for (int k = 0; k < OUT_GROUP / 16; k++) {
-                store16(m[xi][t] + 16 * k, sum[t][k]);
-            }
-        }
-#else
-        lanes8 sum[TILE_GROUP][2] = {{{0}}};
-        for (int c = 0; c < SECOND_IN; c++) {
-            const lanes8 lo = load8(u + c * SECOND_OUT);
-            const lanes8 hi = load8(u + c * SECOND_OUT + 8);
+            const wide_lanes lo = WIDE_LOAD(u + c * SECOND_OUT);
+            const wide_lanes hi = WIDE_LOAD(u + c * SECOND_OUT + WIDE);
             for (int t = 0; t < TILE_GROUP; t++) {
                 sum[t][0] += vx[t * SECOND_IN + c] * lo;
                 sum[t][1] += vx[t * SECOND_IN + c] * hi;
             }
         }
         for (int t = 0; t < TILE_GROUP; t++) {
-            store8(m[xi][t], sum[t][0]);
-            store8(m[xi][t] + 8, sum[t][1]);
+            WIDE_STORE(m[xi][t], sum[t][0]);
+            WIDE_STORE(m[xi][t] + WIDE, sum[t][1]);
         }
-#endif
     }
 }
 
@@ -983,12 +957,12 @@ int winograd_conv_pool_relu(const float *restrict in, const float *restrict filt
         const float *image = in + b * height * width * SECOND_IN;
         float *maps = out + b * SECOND_OUT * pooled;
         /* Tiles go in groups of TILE_GROUP in row-major order, which may span tile rows. The
-         * arrays are aligned to VECTOR_BYTES: GCC tuned for Zen 1 splits each store of 32
-         * bytes that it cannot prove aligned into two. */
+         * arrays are aligned to whole vectors, because GCC tuned for Zen 1 splits each store
+         * of 32 bytes that it cannot prove aligned into two. */
         for (int64_t first = 0; first < pooled; first += TILE_GROUP) {
             const int tiles = pooled - first < TILE_GROUP ? (int)(pooled - first) : TILE_GROUP;
             /* transformed inputs [xi][tile][in], zero for tiles past the last */
-            _Alignas(VECTOR_BYTES) float v[16 * TILE_GROUP * SECOND_IN];
+            _Alignas(sizeof(wide_lanes)) float v[16 * TILE_GROUP * SECOND_IN];
             for (int t = 0; t < TILE_GROUP; t++) {
                 if (t < tiles) {
                     const int64_t py = (first + t) / pooled_w, px = (first + t) % pooled_w;
@@ -1000,10 +974,10 @@ int winograd_conv_pool_relu(const float *restrict in, const float *restrict filt
                 }
             }
             for (int64_t o = 0; o < SECOND_OUT; o += OUT_GROUP) {
-                _Alignas(VECTOR_BYTES) float m[16][TILE_GROUP][OUT_GROUP];
+                _Alignas(sizeof(wide_lanes)) float m[16][TILE_GROUP][OUT_GROUP];
                 winograd_products(m, v, filter + o);
                 /* the pooled maps' values [tile][output channel], stored transposed */
-                _Alignas(VECTOR_BYTES) float pooled_values[TILE_GROUP][OUT_GROUP];
+                _Alignas(sizeof(wide_lanes)) float pooled_values[TILE_GROUP][OUT_GROUP];
                 for (int t = 0; t < tiles; t++) {
                     for (int h = 0; h < OUT_GROUP; h += 8) {
                         const lanes8 best =
