@@ -71,7 +71,7 @@ def share_migration_scripts() -> None:
         _VersionManager._create_alembic_script = shared
 
 
-# The bytes of a SQLite study file holding Optuna's tables and no study, once prepared.
+# The bytes of a SQLite study file containing Optuna's tables and no study, once prepared.
 _empty_study_file: bytes | None = None
 
 

@@ -129,18 +129,18 @@ def _dataset(config: TrainConfig) -> Dataset:
 
 
 def prepare_worker(config: TrainConfig | None = None) -> None:
-    """Do in this process what the first trial on ``config``'s digits (default:
-    TrainConfig's) would do before any later one: load the digits, compute their swaps
-    and select TensorBoard's probe rows, all kept in caches, and load the PNG encoder.
+    """Prepare this process as the first trial on ``config``'s digits (default:
+    TrainConfig's) would: load the digits, compute their swaps, select TensorBoard's probe
+    rows (all three kept in caches) and load the PNG encoder.
 
-    The probe rows and the encoder cost a worker's first trial 0.03-0.05 s at its first
+    The probe rows and the encoder cost a worker's first trial 0.03-0.06 s at its first
     TensorBoard images (2-core Intel Xeon VM).
     """
     config = config or TrainConfig()
     dataset = _dataset(config)
     swap_setup(dataset, config.swap_sources, config.seed)
     probes.dataset_probes(dataset, config.seed)
-    encode_image(torch.zeros(1, 1, 1))
+    encode_image(torch.zeros(1, 1, 1))  # PIL loads its PNG encoder at the first image
 
 
 def _artifact_dir() -> Path:

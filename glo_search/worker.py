@@ -22,7 +22,7 @@ try:
     prepare_worker()
 except Exception as error:  # noqa: BLE001 - a trial reports its own data errors later
     logger.debug(
-        "loading the default digits into worker process %d failed: %s; each trial loads "
+        "preparing worker process %d for the default digits failed: %s; each trial loads "
         "its own digits",
         os.getpid(),
         error,

@@ -469,13 +469,13 @@ def test_winograd_kernel_matches_float64_convolution(height, width):
 
 
 def _targets_avx512() -> bool:
-    """Whether the kernels' build here (-march=native) compiles their AVX-512 paths."""
+    """Return whether the kernels' build here (-march=native) compiles their AVX-512 paths."""
     command = [*native._compiler().split(), "-march=native", "-dM", "-E", "-x", "c", "-"]
     result = subprocess.run(command, input="", capture_output=True, text=True, check=False)
     return "__AVX512F__" in result.stdout
 
 
-def test_classifier_kernels_same_bits_without_avx512(fresh_build, monkeypatch):
+def test_avx512_build_gives_same_bits(fresh_build, monkeypatch):
     # Where the compiler targets AVX-512, the classifier's kernels take 16 floats per
     # vector instead of 8. Each sum adds the same products in the same order, so a build
     # without AVX-512 must give the same bits.

@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import alembic.script
@@ -268,7 +269,7 @@ def test_study_rehearsal_is_silent_and_leaves_logging_alone(tmp_path, monkeypatc
     assert "A new study created in RDB with name: after" in caplog.text
 
 
-def test_new_study_starts_from_the_prepared_file(tmp_path, monkeypatch):
+def test_new_study_copies_prepared_file(tmp_path, monkeypatch):
     # A sweep prepares a file with Optuna's tables while it starts, and each new study
     # file is a copy of it. A study file that exists already (a resumed sweep) is kept.
     monkeypatch.setattr(searcher_module, "_empty_study_file", None)
@@ -276,18 +277,16 @@ def test_new_study_starts_from_the_prepared_file(tmp_path, monkeypatch):
     # Mark the prepared file, to tell a copy of it from a file that Optuna built.
     marked = tmp_path / "marked.db"
     marked.write_bytes(searcher_module._empty_study_file)
-    with sqlite3.connect(marked) as connection:
+    with closing(sqlite3.connect(marked)) as connection, connection:
         connection.execute("CREATE TABLE prepared_here (x INTEGER)")
-    connection.close()
     monkeypatch.setattr(searcher_module, "_empty_study_file", marked.read_bytes())
 
     (tmp_path / "new").mkdir()
     searcher = make_searcher(tmp_path / "new")
     run_trial(searcher, "a", [0.1, 0.2, 0.3, 0.4])
     assert study_trial(tmp_path / "new", "a").state == TrialState.COMPLETE
-    with sqlite3.connect(tmp_path / "new" / "optuna.db") as connection:
+    with closing(sqlite3.connect(tmp_path / "new" / "optuna.db")) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-    connection.close()
     assert "prepared_here" in tables
 
     (tmp_path / "resumed").mkdir()
@@ -298,7 +297,7 @@ def test_new_study_starts_from_the_prepared_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", MEMORY_URI])
-def test_in_memory_studies_get_no_prepared_file(tmp_path, monkeypatch, url):
+def test_memory_study_writes_no_file(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
     prepare_empty_study_file()
     assert searcher_module._empty_study_file is not None
