@@ -77,11 +77,10 @@ PLANS = {plan.name: plan for plan in (FULL, QUICK)}
 def run_experiment(experiment: Experiment, plan: Plan, out: Path) -> Path:
     """Run (or finish) one experiment's grid through glo_search.search.sweep."""
     from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from glo_search.resume import resume
-    from glo_search.search import sweep
+    from glo_search.search import make_scheduler, sweep
 
     folder = out / experiment.name
     expected = len(experiment.values) * len(plan.seeds)
@@ -100,13 +99,14 @@ def run_experiment(experiment: Experiment, plan: Plan, out: Path) -> Path:
     # Every epoch is evaluated: the findings read whole learning curves.
     base.update(num_images=plan.num_images, swap_sources=plan.swap_sources, eval_every=1)
     logger.info("study: running %s, %d trials", experiment.name, expected)
+    epochs = plan.long_epochs if experiment.long else plan.epochs
     sweep(
         space,
         metric=METRIC,
         num_samples=1,
-        max_epochs=plan.long_epochs if experiment.long else plan.epochs,
+        max_epochs=epochs,
         base_config=base,
-        scheduler=FIFOScheduler(),
+        scheduler=make_scheduler("fifo", epochs),
         search_alg=BasicVariantGenerator(),
         storage=out,
         name=experiment.name,

@@ -54,6 +54,7 @@ class TrainingLog:
         # first epoch after the resume writes best/ images whether or not it is the best.
         self.best: float | None = None
         self.probe_set: ProbeSet | None = None
+        self.closed = False
         self.writer = SummaryWriter(str(folder))
         self._write_hparams()
 
@@ -119,6 +120,10 @@ class TrainingLog:
                 self.writer.file_writer.add_summary(Summary(value=[value]), epoch)
 
     def close(self) -> None:
+        """Write the end of the run and close the file. Later calls do nothing."""
+        if self.closed:
+            return
+        self.closed = True
         self.writer.file_writer.add_summary(self._session_end)
         self.writer.close()
 

@@ -210,6 +210,11 @@ def _train_loop(
         }
         started = time.perf_counter()
         new_best = log.write_epoch(trainer.epoch, result, trainer)
+        if _is_last(trainer):
+            # The scheduler may stop the trial at this report (LastEpochFIFOScheduler,
+            # ASHA at max_t), and Tune then copies the trial's files while the trial's
+            # thread finishes. Closed here, the log is complete in that copy.
+            log.close()
         seconds["log_time_s"] += time.perf_counter() - started
         if new_best or checkpointed + CHECKPOINT_EVERY <= trainer.epoch or _is_last(trainer):
             _report_with_checkpoint(trainer, result, metrics, seconds)

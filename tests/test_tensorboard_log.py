@@ -196,6 +196,13 @@ def test_sweep_trials_write_every_kind(sweep_trials):
         assert "_hparams_/session_start_info" in hparams_data(events)
 
 
+def test_sweep_trials_end_their_hparams_session(sweep_trials):
+    # The scheduler stops each trial at its last epoch's report; the log must be whole in
+    # the copy that Tune makes of the trial's files.
+    for events in sweep_trials:
+        assert "_hparams_/session_end_info" in hparams_data(events)
+
+
 def test_sweep_trials_hparams_differ(sweep_trials):
     noise = [
         hparams_data(events)["_hparams_/session_start_info"]

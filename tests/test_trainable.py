@@ -18,6 +18,9 @@ class ScriptedLog:
     def write_epoch(self, epoch, result, trainer=None) -> bool:
         return epoch in self.best_epochs
 
+    def close(self) -> None:
+        pass
+
 
 @pytest.fixture
 def reports(monkeypatch):
