@@ -13,6 +13,8 @@ import logging
 import math
 import pickle
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -115,6 +117,104 @@ def _start_study_file(url: str) -> None:
     path = sqlite_path(url)
     if not path.exists():
         atomic_write_bytes(path, content)
+
+
+class BatchingRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage that can commit a run of trial writes as one transaction.
+
+    Inside ``with storage.batch():`` the thread's writes of parameters, user attributes
+    and intermediate values wait, and the block's end commits them together. In SQLite's
+    default journal mode each commit syncs the file and deletes a journal file, and one
+    suggestion from the ``default`` space made 6 or 7 commits. On a 2-core Intel Xeon VM,
+    each of a new study's first 16 suggestions took 19 ms in a block against 32 ms
+    without (medians of 45).
+
+    Reads inside the block do not see the waiting writes, so a block must not read what
+    it writes. In Optuna 5.1 a suggestion reads only the finished trials of the study,
+    and the Trial object keeps the new trial's parameters itself. A write that fails raises at the block's
+    end, and none of the block's writes is then stored. Where Optuna lacks the private
+    methods this relies on (those of Optuna 5.1), every write commits on its own.
+    """
+
+    _supported = all(
+        hasattr(optuna.storages.RDBStorage, name)
+        for name in (
+            "_set_trial_param",
+            "_set_trial_param_without_commit",
+            "_set_trial_attr_without_commit",
+            "_set_trial_intermediate_value_without_commit",
+        )
+    )
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._batches = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_batches", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._batches = threading.local()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Commit the trial writes of this thread inside the block as one transaction."""
+        if not self._supported or getattr(self._batches, "writes", None) is not None:
+            yield  # a nested block commits with the outer one
+            return
+        self._batches.writes = []
+        try:
+            yield
+            writes = self._batches.writes
+        finally:
+            self._batches.writes = None
+        if writes:
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            # A session of its own: the checks inside the writes read through the shared
+            # one, whose commit would otherwise store the writes before a failing one.
+            with _create_scoped_session(self.scoped_session.session_factory, True) as session:
+                for write in writes:
+                    write(session)
+
+    def _defer(self, write: Callable[[Any], None]) -> bool:
+        writes = getattr(self._batches, "writes", None)
+        if writes is None:
+            return False
+        writes.append(write)
+        return True
+
+    # NOTE: the methods below override Optuna's private _set_trial_param (Optuna 5.1),
+    # which both set_trial_param and Optuna's caching storage call.
+    def _set_trial_param(self, trial_id, param_name, value, distribution, previous) -> None:
+        def write(session) -> None:
+            self._set_trial_param_without_commit(
+                session, trial_id, param_name, value, distribution, previous
+            )
+
+        if not self._defer(write):
+            super()._set_trial_param(trial_id, param_name, value, distribution, previous)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        from optuna.storages._rdb.models import TrialUserAttributeModel
+
+        def write(session) -> None:
+            self._set_trial_attr_without_commit(
+                session, TrialUserAttributeModel, trial_id, key, value
+            )
+
+        if not self._defer(write):
+            super().set_trial_user_attr(trial_id, key, value)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
+        def write(session) -> None:
+            self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+
+        if not self._defer(write):
+            super().set_trial_intermediate_value(trial_id, step, value)
 
 
 _rehearsed = False
@@ -253,7 +353,7 @@ class GloOptunaSearch(OptunaSearch):
         trial_ids = self._saved_trial_ids or {
             trial_id: ot_trial._trial_id for trial_id, ot_trial in self._ot_trials.items()
         }
-        self._storage = optuna.storages.RDBStorage(self._study_url)
+        self._storage = BatchingRDBStorage(self._study_url)
         self._ot_study = optuna.load_study(
             study_name=self._study_name,
             storage=self._storage,
@@ -272,7 +372,7 @@ class GloOptunaSearch(OptunaSearch):
 
     def _setup_study(self, mode) -> None:
         _start_study_file(self._study_url)
-        self._storage = optuna.storages.RDBStorage(self._study_url)
+        self._storage = BatchingRDBStorage(self._study_url)
         # Ray calls this again when a sweep resumes. The warm-start points are already in
         # the study from the first call, so enqueueing them again would run them twice.
         points = self._points_to_evaluate
@@ -316,9 +416,11 @@ class GloOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         self._ensure_study()
         is_new = trial_id not in self._ot_trials
-        params = super().suggest(trial_id)
+        with self._storage.batch():  # the parameters and the attribute: one commit
+            params = super().suggest(trial_id)
+            if is_new and trial_id in self._ot_trials:
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         if is_new and trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
             self._known_epochs[trial_id] = set()  # a new trial: nothing to read back
             self.sync_mirror()
         return params
@@ -339,13 +441,22 @@ class GloOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         state, value = self._final_state(result, error)
-        if result and state != TrialState.FAIL:
-            # Tune passes the result that made the scheduler stop a trial only here.
-            self._report(trial_id, result)
-        if result and state == TrialState.PRUNED:
-            ot_trial.set_user_attr("stopped_at_epoch", int(result["epoch"]))
-        if result and result.get("diverged"):
-            ot_trial.set_user_attr("diverged", True)
+        # These writes share one commit, which comes before tell, because tell reads a
+        # pruned trial's last intermediate value back from the study as its value.
+        try:
+            with self._storage.batch():
+                if result and state != TrialState.FAIL:
+                    # Tune passes the result that made the scheduler stop a trial only here.
+                    self._report(trial_id, result)
+                if result and state == TrialState.PRUNED:
+                    ot_trial.set_user_attr("stopped_at_epoch", int(result["epoch"]))
+                if result and result.get("diverged"):
+                    ot_trial.set_user_attr("diverged", True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another process recorded the trial's end since this one read the study.
+            self._known_epochs[trial_id] = None
+            self._completed_trials.add(trial_id)
+            return
         try:
             self._ot_study.tell(ot_trial, value, state=state)
         except (ValueError, RuntimeError) as exc:  # e.g. finished in the study before a resume

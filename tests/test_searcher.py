@@ -20,6 +20,7 @@ from glo_search.search import study_place
 from glo_search.searcher import (
     REHEARSAL_STUDY,
     TUNE_TRIAL_ATTR,
+    BatchingRDBStorage,
     GloOptunaSearch,
     prepare_empty_study_file,
     rehearse_study,
@@ -73,6 +74,7 @@ def test_searcher_stopped_early_is_pruned(tmp_path):
     trial = study_trial(tmp_path, "a")
     assert trial.state == TrialState.PRUNED
     assert trial.intermediate_values == {1: 0.1, 2: 0.2}
+    assert trial.value == 0.2  # Optuna's value of a pruned trial: its last epoch's
     assert trial.user_attrs["stopped_at_epoch"] == 2
 
 
@@ -133,6 +135,56 @@ def test_searcher_rerun_of_finished_trial(tmp_path):
     trial = study_trial(tmp_path, "a")
     assert trial.state == TrialState.PRUNED
     assert trial.intermediate_values == {1: 0.1}
+
+
+def test_searcher_completion_after_another_process_ended_the_trial(tmp_path):
+    searcher = make_searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 0.1))
+    study = optuna.load_study(study_name="study", storage=sqlite_url(tmp_path / "optuna.db"))
+    study.tell(study_trial(tmp_path, "a").number, state=TrialState.PRUNED)
+
+    searcher.on_trial_complete("a", result(2, 0.2))
+
+    trial = study_trial(tmp_path, "a")
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {1: 0.1}
+    assert "stopped_at_epoch" not in trial.user_attrs
+
+
+def stored_params(path: Path) -> list[tuple]:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("SELECT param_name FROM trial_params").fetchall()
+
+
+def test_batched_writes_land_together_at_the_end(tmp_path):
+    path = tmp_path / "optuna.db"
+    storage = BatchingRDBStorage(sqlite_url(path))
+    study = optuna.create_study(storage=storage, study_name="study")
+    trial = study.ask()
+    with storage.batch():
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_categorical("c", ["a", "b"])
+        trial.set_user_attr(TUNE_TRIAL_ATTR, "a")
+        trial.report(0.5, 1)
+        assert stored_params(path) == []
+    stored = study.trials[0]
+    assert set(stored.params) == {"x", "c"}
+    assert stored.user_attrs == {TUNE_TRIAL_ATTR: "a"}
+    assert stored.intermediate_values == {1: 0.5}
+
+
+def test_batch_with_a_failing_write_stores_none_of_it(tmp_path):
+    path = tmp_path / "optuna.db"
+    storage = BatchingRDBStorage(sqlite_url(path))
+    study = optuna.create_study(storage=storage, study_name="study")
+    running, finished = study.ask(), study.ask()
+    study.tell(finished, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError), storage.batch():
+        storage.set_trial_param(running._trial_id, "x", 0.5, FloatDistribution(0.0, 1.0))
+        storage.set_trial_user_attr(finished._trial_id, "late", True)
+    assert stored_params(path) == []
+    assert study.trials[1].user_attrs == {}
 
 
 def test_searcher_points_come_first(tmp_path):
