@@ -57,6 +57,15 @@ def test_space_from_file(tmp_path):
     assert space.keys == {"class_dim"}
 
 
+def test_edited_space_file_is_checked_again(tmp_path):
+    path = tmp_path / "grown.py"
+    path.write_text("def SPACE(trial):\n    trial.suggest_int('class_dim', 2, 4)\n")
+    assert resolve(str(path), BASE).keys == {"class_dim"}
+    path.write_text("def SPACE(trial):\n    trial.suggest_int('class_dim', 0, 4)\n")
+    with pytest.raises(ConfigError, match="invalid class_dim=0"):
+        resolve(str(path), BASE)
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [
