@@ -27,12 +27,6 @@ from glo_search.config import FIELDS, ConfigError, TrainConfig, config_keys
 logger = logging.getLogger(__name__)
 
 DRY_RUN_SAMPLES = 64  # define-by-run draws checked, enough to visit each branch
-# Keys of the define-by-run spaces whose dry run passed in this process, by function and
-# base config. A study runs one space in several sweeps of one process, and each dry run
-# of the `default` space took 16 ms on a 2-core Intel Xeon VM. A space loaded from a
-# file again is a new function, so an edited file is checked again.
-_DRY_RUNS_PASSED: dict[tuple[Callable, TrainConfig], frozenset[str]] = {}
-_DRY_RUNS_KEPT = 16
 UNSEARCHABLE = ("epochs",)  # the sweep's --max-epochs sets it, so ASHA's max_t matches
 
 
@@ -56,7 +50,8 @@ def resolve(space: str | dict | Callable, base: TrainConfig) -> ResolvedSpace:
             raise ConfigError(str(error)) from None
         name, space = named.name, named.space
     if callable(space):
-        return ResolvedSpace(name, "define_by_run", space, _dry_run_keys(name, space, base))
+        keys = _check_define_by_run(name, space, base)
+        return ResolvedSpace(name, "define_by_run", space, keys)
     if not isinstance(space, dict) or not space:
         raise ConfigError(
             f"search space {name!r} must be a non-empty dict or a define-by-run "
@@ -121,22 +116,6 @@ def _ray_candidates(value: Any) -> list[Any]:
     if isinstance(value, dict) and "grid_search" in value:
         return list(value["grid_search"])
     return [value]
-
-
-def _dry_run_keys(name: str, function: Callable, base: TrainConfig) -> frozenset[str]:
-    """Return the keys of a define-by-run space after its dry run, which runs once per
-    function and base config in a process."""
-    try:
-        return _DRY_RUNS_PASSED[function, base]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable callable or config value: no cache
-        return _check_define_by_run(name, function, base)
-    keys = _check_define_by_run(name, function, base)
-    if len(_DRY_RUNS_PASSED) >= _DRY_RUNS_KEPT:
-        _DRY_RUNS_PASSED.clear()
-    _DRY_RUNS_PASSED[function, base] = keys
-    return keys
 
 
 def _check_define_by_run(name: str, function: Callable, base: TrainConfig) -> frozenset[str]:
