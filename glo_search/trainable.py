@@ -186,7 +186,7 @@ def _train_loop(
                 train_loss,
                 trainer.epoch,
             )
-            tune.report({**worst_result(trainer.epoch, train_loss), **node})
+            _report_divergence(log, {**worst_result(trainer.epoch, train_loss), **node})
             return
         if not evaluation_due(trainer.epoch, trainer.config, eval_epochs):
             continue
@@ -198,7 +198,7 @@ def _train_loop(
             logger.warning(
                 "%s is %s at epoch %d: trial diverged", bad, metrics[bad], trainer.epoch
             )
-            tune.report({**worst_result(trainer.epoch, train_loss), **node})
+            _report_divergence(log, {**worst_result(trainer.epoch, train_loss), **node})
             return
         result = {
             **metrics,
@@ -214,6 +214,8 @@ def _train_loop(
             # The scheduler may stop the trial at this report (LastEpochFIFOScheduler,
             # ASHA at max_t), and Tune then copies the trial's files while the trial's
             # thread finishes. Closed here, the log is complete in that copy.
+            # NOTE: a trial that ASHA stops at an earlier rung still closes its log after
+            # that copy starts, so the copy can lack the log's end.
             log.close()
         seconds["log_time_s"] += time.perf_counter() - started
         if new_best or checkpointed + CHECKPOINT_EVERY <= trainer.epoch or _is_last(trainer):
@@ -223,6 +225,16 @@ def _train_loop(
             started = time.perf_counter()
             tune.report({**result, **seconds})
             seconds["report_time_s"] += time.perf_counter() - started
+
+
+def _report_divergence(log: TrainingLog, result: dict[str, Any]) -> None:
+    """Close the log, then report a diverged trial's worst values as its last result.
+
+    The scheduler may stop the trial at this report, and Tune then copies the trial's
+    files while the trial's thread finishes, so the log is closed first.
+    """
+    log.close()
+    tune.report(result)
 
 
 def _is_last(trainer: Trainer) -> bool:

@@ -12,23 +12,34 @@ from glo_search.trainer import Trainer
 class ScriptedLog:
     """TrainingLog stand-in whose write_epoch returns a scripted new-best flag per epoch."""
 
+    latest = None  # the log of the last trainer started, which the reports look at
+
     def __init__(self, best_epochs: set[int]) -> None:
         self.best_epochs = best_epochs
+        self.closed = False
+        ScriptedLog.latest = self
 
     def write_epoch(self, epoch, result, trainer=None) -> bool:
         return epoch in self.best_epochs
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 @pytest.fixture
-def reports(monkeypatch):
+def closed_at_report():
+    """Whether the log was closed at each tune.report, in the order of the reports."""
+    return []
+
+
+@pytest.fixture
+def reports(monkeypatch, closed_at_report):
     """Record (epoch, has_checkpoint, result) for every tune.report of the trainable."""
     recorded = []
 
     def report(result, checkpoint=None):
         recorded.append((result["epoch"], checkpoint is not None, result))
+        closed_at_report.append(ScriptedLog.latest.closed)
 
     context = SimpleNamespace(get_node_id=lambda: "node")
     monkeypatch.setattr(trainable.tune, "report", report)
@@ -38,9 +49,17 @@ def reports(monkeypatch):
 
 @pytest.fixture
 def train(small_dataset, classifier_state, reports):
-    def run(epochs: int, best_epochs: set[int], **config) -> None:
+    def run(epochs: int, best_epochs: set[int], nan_at_epoch: int = 0, **config) -> None:
         train_config = TrainConfig(num_images=200, swap_sources=20, epochs=epochs, **config)
         trainer = Trainer(train_config, small_dataset, classifier_state, "cpu")
+        if nan_at_epoch:
+            train_epoch = trainer.train_epoch
+
+            def diverging_epoch() -> float:
+                loss = train_epoch()
+                return float("nan") if trainer.epoch == nan_at_epoch else loss
+
+            trainer.train_epoch = diverging_epoch
         trainable._train_loop(trainer, ScriptedLog(best_epochs), ())
 
     return run
@@ -57,6 +76,20 @@ def test_checkpoints_at_best_gap_and_last(train, reports):
 def test_checkpoint_every_evaluated_best(train, reports):
     train(epochs=6, best_epochs=set(range(1, 7)), eval_every=2)
     assert [epoch for epoch, has_checkpoint, _ in reports if has_checkpoint] == [2, 4, 6]
+
+
+def test_log_closed_before_last_report(train, reports, closed_at_report):
+    # The scheduler may stop the trial at its last report, and Tune then copies the
+    # trial's files at once: the log must be complete by then.
+    train(epochs=3, best_epochs={1})
+    assert closed_at_report == [False, False, True]
+
+
+def test_diverged_trial_closes_log_first(train, reports, closed_at_report):
+    train(epochs=5, best_epochs={1}, nan_at_epoch=2)
+    assert [epoch for epoch, _, _ in reports] == [1, 2]
+    assert reports[-1][2]["diverged"] == 1
+    assert closed_at_report == [False, True]
 
 
 def test_reports_carry_part_timers(train, reports):
