@@ -103,6 +103,14 @@ def prepare_empty_study_file() -> None:
     _empty_study_file = content
 
 
+def _is_memory_sqlite(url: str) -> bool:
+    """Return whether a SQLAlchemy URL names an in-memory SQLite database."""
+    parts = make_url(url)
+    if parts.get_backend_name() != "sqlite":
+        return False
+    return parts.database in (None, "", ":memory:") or parts.query.get("mode") == "memory"
+
+
 def _start_study_file(url: str) -> None:
     """Write the prepared empty study file where a SQLite URL names a file, if none is
     there yet. URLs of in-memory databases and URLs with options are left to SQLite."""
@@ -131,9 +139,12 @@ class BatchingRDBStorage(optuna.storages.RDBStorage):
 
     Reads inside the block do not see the waiting writes, so a block must not read what
     it writes. In Optuna 5.1 a suggestion reads only the finished trials of the study,
-    and the Trial object keeps the new trial's parameters itself. A write that fails raises at the block's
-    end, and none of the block's writes is then stored. Where Optuna lacks the private
-    methods this relies on (those of Optuna 5.1), every write commits on its own.
+    and the Trial object keeps the new trial's parameters itself. A write that fails
+    raises at the block's end, and none of the block's writes is then stored. A row that
+    another writer stored first (an integrity error) only drops its own write, as without
+    a block. Every write commits on its own in an in-memory SQLite database, where the
+    checks inside the writes would commit the block's writes early, and where Optuna
+    lacks the private methods this relies on (those of Optuna 5.1).
     """
 
     _supported = all(
@@ -149,6 +160,7 @@ class BatchingRDBStorage(optuna.storages.RDBStorage):
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._batches = threading.local()
+        self._batching = self._supported and not _is_memory_sqlite(url)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -162,7 +174,7 @@ class BatchingRDBStorage(optuna.storages.RDBStorage):
     @contextmanager
     def batch(self) -> Iterator[None]:
         """Commit the trial writes of this thread inside the block as one transaction."""
-        if not self._supported or getattr(self._batches, "writes", None) is not None:
+        if not self._batching or getattr(self._batches, "writes", None) is not None:
             yield  # a nested block commits with the outer one
             return
         self._batches.writes = []
@@ -171,13 +183,21 @@ class BatchingRDBStorage(optuna.storages.RDBStorage):
             writes = self._batches.writes
         finally:
             self._batches.writes = None
-        if writes:
-            from optuna.storages._rdb.storage import _create_scoped_session
+        if not writes:
+            return
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy.exc import IntegrityError
 
-            # A session of its own: the checks inside the writes read through the shared
-            # one, whose commit would otherwise store the writes before a failing one.
-            with _create_scoped_session(self.scoped_session.session_factory, True) as session:
+        # A session of its own: the checks inside the writes read through the shared one,
+        # whose commit would otherwise store the writes before a failing one.
+        new_session = self.scoped_session.session_factory
+        try:
+            with _create_scoped_session(new_session) as session:
                 for write in writes:
+                    write(session)
+        except IntegrityError:
+            for write in writes:  # one at a time, each duplicate dropped as Optuna does
+                with _create_scoped_session(new_session, True) as session:
                     write(session)
 
     def _defer(self, write: Callable[[Any], None]) -> bool:

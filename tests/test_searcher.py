@@ -137,7 +137,7 @@ def test_searcher_rerun_of_finished_trial(tmp_path):
     assert trial.intermediate_values == {1: 0.1}
 
 
-def test_searcher_completion_after_another_process_ended_the_trial(tmp_path):
+def test_searcher_completion_of_ended_trial(tmp_path):
     searcher = make_searcher(tmp_path)
     searcher.suggest("a")
     searcher.on_trial_result("a", result(1, 0.1))
@@ -157,7 +157,7 @@ def stored_params(path: Path) -> list[tuple]:
         return connection.execute("SELECT param_name FROM trial_params").fetchall()
 
 
-def test_batched_writes_land_together_at_the_end(tmp_path):
+def test_batch_commits_at_its_end(tmp_path):
     path = tmp_path / "optuna.db"
     storage = BatchingRDBStorage(sqlite_url(path))
     study = optuna.create_study(storage=storage, study_name="study")
@@ -174,7 +174,7 @@ def test_batched_writes_land_together_at_the_end(tmp_path):
     assert stored.intermediate_values == {1: 0.5}
 
 
-def test_batch_with_a_failing_write_stores_none_of_it(tmp_path):
+def test_failed_batch_stores_nothing(tmp_path):
     path = tmp_path / "optuna.db"
     storage = BatchingRDBStorage(sqlite_url(path))
     study = optuna.create_study(storage=storage, study_name="study")
@@ -185,6 +185,33 @@ def test_batch_with_a_failing_write_stores_none_of_it(tmp_path):
         storage.set_trial_user_attr(finished._trial_id, "late", True)
     assert stored_params(path) == []
     assert study.trials[1].user_attrs == {}
+
+
+def test_batch_keeps_writes_beside_a_duplicate(tmp_path):
+    url = sqlite_url(tmp_path / "optuna.db")
+    storage = BatchingRDBStorage(url)
+    other_writer = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=storage, study_name="study")
+    trial_id = study.ask()._trial_id
+    x = FloatDistribution(0.0, 1.0)
+    with storage.batch():
+        storage.set_trial_param(trial_id, "x", 0.5, x)
+        storage.set_trial_user_attr(trial_id, TUNE_TRIAL_ATTR, "a")
+        other_writer.set_trial_param(trial_id, "x", 0.25, x)
+    stored = other_writer.get_trial(trial_id)
+    assert stored.params == {"x": 0.25}
+    assert stored.user_attrs == {TUNE_TRIAL_ATTR: "a"}
+
+
+@pytest.mark.parametrize("url", ["sqlite://", MEMORY_URI])
+def test_memory_study_commits_each_write(url):
+    # Optuna's checks commit through a connection that an in-memory database shares.
+    storage = BatchingRDBStorage(url)
+    study = optuna.create_study(storage=storage, study_name="study")
+    trial_id = study.ask()._trial_id
+    with storage.batch():
+        storage.set_trial_param(trial_id, "x", 0.5, FloatDistribution(0.0, 1.0))
+        assert storage.get_trial(trial_id).params == {"x": 0.5}
 
 
 def test_searcher_points_come_first(tmp_path):
