@@ -190,7 +190,12 @@ def param_importances(
             warnings.simplefilter("ignore")
             for name in evaluators:
                 evaluator = _make_evaluator(name, seed)
-                values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+                try:
+                    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+                except RuntimeError as error:
+                    # fanova raises this when all trials have the same value (Optuna 5.1).
+                    logger.warning("%s importances skipped: %s", name, error)
+                    continue
                 columns[name] = {param: float(value) for param, value in values.items()}
     finally:
         optuna.logging.set_verbosity(previous)

@@ -141,6 +141,17 @@ def test_importance_conditional_parameter():
     assert result.loc["branch", "fanova"] == pytest.approx(1.0)
 
 
+def test_importance_of_equal_values_is_nan():
+    # fANOVA raises on a study whose trials all have the same value, e.g. all diverged.
+    def objective(trial):
+        trial.suggest_int("class_dim", 2, 64)
+        return 0.0
+
+    result = tables.param_importances(make_study(objective, trials=3)).set_index("parameter")
+    assert result["fanova"].isna().all()
+    assert (result["completed_trials"] == 3).all()
+
+
 def test_importance_rejects_unknown_evaluator():
     study = make_study(lambda trial: trial.suggest_float("x", 0, 1), trials=3)
     with pytest.raises(ValueError, match="unknown importance evaluator 'shap'"):
