@@ -789,8 +789,8 @@ def _run_config(
         name=location.name,
         storage_path=location.storage_path,
         storage_filesystem=None if location.is_local else location.filesystem,
-        # Trials write their TensorBoard files into their working folder (see
-        # trainable._artifact_dir); Tune copies it into the trial folder at each checkpoint.
+        # On storage other than local, trials write their TensorBoard files into their
+        # working folder (see trainable._log_dir), and Tune copies it into the trial folder.
         sync_config=tune.SyncConfig(sync_artifacts=True),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from optuna.distributions import FloatDistribution
@@ -185,6 +186,37 @@ def sweep_trials(tmp_path_factory, ray_session):
     trial_dirs = sorted(Path(grid.experiment_path).glob("trial_*"))
     assert len(trial_dirs) == 2
     return [read_events(folder / "tensorboard") for folder in trial_dirs]
+
+
+@pytest.fixture(scope="module")
+def stopped_trials(tmp_path_factory, ray_session):
+    from glo_search.search import sweep
+
+    storage = tmp_path_factory.mktemp("asha")
+    grid = sweep(
+        {"noise_std": FloatDistribution(0.05, 2.0)},
+        num_samples=6,
+        max_epochs=3,
+        base_config={"num_images": NUM_IMAGES, "swap_sources": 20, "probe_every": 1},
+        grace_period=1,
+        reduction_factor=3,
+        sampler="random",
+        storage=storage,
+        name="stopped",
+        max_concurrent=2,
+        verbose=0,
+    )
+    trials = pd.read_parquet(Path(grid.experiment_path) / "trials.parquet")
+    trial_dirs = sorted(Path(grid.experiment_path).glob("trial_*"))
+    return trials, [read_events(folder / "tensorboard") for folder in trial_dirs]
+
+
+def test_stopped_trials_end_their_hparams_session(stopped_trials):
+    # ASHA stops trials at rungs. Tune then ends the trial's thread while it copies its files.
+    trials, logs = stopped_trials
+    assert (trials["status"] == "stopped").any()
+    for events in logs:
+        assert "_hparams_/session_end_info" in hparams_data(events)
 
 
 def test_sweep_trials_write_every_kind(sweep_trials):
