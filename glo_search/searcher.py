@@ -140,11 +140,13 @@ class BatchingRDBStorage(optuna.storages.RDBStorage):
     Reads inside the block do not see the waiting writes, so a block must not read what
     it writes. In Optuna 5.1 a suggestion reads only the finished trials of the study,
     and the Trial object keeps the new trial's parameters itself. A write that fails
-    raises at the block's end, and none of the block's writes is then stored. A row that
-    another writer stored first (an integrity error) only drops its own write, as without
-    a block. Every write commits on its own in an in-memory SQLite database, where the
-    checks inside the writes would commit the block's writes early, and where Optuna
-    lacks the private methods this relies on (those of Optuna 5.1).
+    raises at the block's end, and none of the block's writes is then stored, unless
+    another writer stored one of the block's rows first (an integrity error). The writes
+    are then stored one at a time, as without a block: the duplicate is dropped, and
+    those before a failing write stay. Every write commits on its own in an in-memory
+    SQLite database, where the checks inside the writes would commit the block's writes
+    early, and where Optuna lacks the private methods this relies on (those of Optuna
+    5.1).
     """
 
     _supported = all(
