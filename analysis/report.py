@@ -182,6 +182,10 @@ def importance_section(context: Context) -> Section:
         scored = tables.study_with_best_values(study, trials, context.metric)
         if len(scored.trials) < 2:
             scored = study  # a study without tune_trial_id, written before glo-search kept it
+        gap = tables.importance_gap(scored, context.metric)
+        if gap is not None:
+            section.blocks.append(_note(f"{experiment.name}: no parameter importances, {gap}"))
+            continue
         importances = tables.param_importances(scored)
         completed = int(importances["completed_trials"].max()) if len(importances) else 0
         caption = f"{experiment.name}: {completed} trials scored"

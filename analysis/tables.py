@@ -207,6 +207,22 @@ def param_importances(
     return table
 
 
+def importance_gap(study, metric: str) -> str | None:
+    """Return why a study's parameter importances are undefined, or None when they are not.
+
+    Importances compare the values of COMPLETE trials, so they need two different ones.
+    """
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    values = {trial.value for trial in complete}
+    if not values:
+        return "no trial has finished with a value"
+    if len(values) == 1:
+        return f"all {len(complete)} scored trials have {metric} = {values.pop():.4g}"
+    return None
+
+
 def study_with_best_values(study, trials: pd.DataFrame, metric: str):
     """Return an in-memory study whose trials carry their best value of ``metric``.
 

@@ -147,9 +147,22 @@ def test_importance_of_equal_values_is_nan():
         trial.suggest_int("class_dim", 2, 64)
         return 0.0
 
-    result = tables.param_importances(make_study(objective, trials=3)).set_index("parameter")
+    study = make_study(objective, trials=3)
+    result = tables.param_importances(study).set_index("parameter")
     assert result["fanova"].isna().all()
     assert (result["completed_trials"] == 3).all()
+    # The report shows this reason in place of the table.
+    assert tables.importance_gap(study, "disentanglement") == (
+        "all 3 scored trials have disentanglement = 0"
+    )
+
+
+def test_importance_gap_none_for_varied_values():
+    study = make_study(lambda trial: trial.suggest_float("x", 0, 1), trials=3)
+    assert tables.importance_gap(study, "x") is None
+    assert tables.importance_gap(optuna.create_study(), "x") == (
+        "no trial has finished with a value"
+    )
 
 
 def test_importance_rejects_unknown_evaluator():
