@@ -120,15 +120,20 @@ def test_searcher_repeated_epoch_keeps_first_value(tmp_path):
     assert study_trial(tmp_path, "a").intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
 
 
+def searcher_with_ended_trial(study_dir) -> GloOptunaSearch:
+    """Return a searcher whose trial "a" reported epoch 1, then ended in another process."""
+    searcher = make_searcher(study_dir)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 0.1))
+    study = optuna.load_study(study_name="study", storage=sqlite_url(study_dir / "optuna.db"))
+    study.tell(study_trial(study_dir, "a").number, state=TrialState.PRUNED)
+    return searcher
+
+
 def test_searcher_rerun_of_finished_trial(tmp_path):
     # A driver killed after the study recorded trial "a" as pruned, but before Tune saved
     # its state: the resumed sweep runs "a" again from its checkpoint.
-    searcher = make_searcher(tmp_path)
-    searcher.suggest("a")
-    searcher.on_trial_result("a", result(1, 0.1))
-    study = optuna.load_study(study_name="study", storage=sqlite_url(tmp_path / "optuna.db"))
-    study.tell(study_trial(tmp_path, "a").number, state=TrialState.PRUNED)
-
+    searcher = searcher_with_ended_trial(tmp_path)
     searcher.on_trial_result("a", result(2, 0.2))
     searcher.on_trial_complete("a", result(4, 0.4))
 
@@ -138,12 +143,7 @@ def test_searcher_rerun_of_finished_trial(tmp_path):
 
 
 def test_searcher_completion_of_ended_trial(tmp_path):
-    searcher = make_searcher(tmp_path)
-    searcher.suggest("a")
-    searcher.on_trial_result("a", result(1, 0.1))
-    study = optuna.load_study(study_name="study", storage=sqlite_url(tmp_path / "optuna.db"))
-    study.tell(study_trial(tmp_path, "a").number, state=TrialState.PRUNED)
-
+    searcher = searcher_with_ended_trial(tmp_path)
     searcher.on_trial_complete("a", result(2, 0.2))
 
     trial = study_trial(tmp_path, "a")

@@ -166,22 +166,32 @@ def test_negative_probe_every_rejected():
         TrainConfig(probe_every=-1)
 
 
-@pytest.fixture(scope="module")
-def sweep_trials(tmp_path_factory, ray_session):
-    from glo_search.search import make_scheduler, sweep
+def probe_sweep(storage, name: str, **options):
+    """Run a small sweep over noise_std that writes probe images at every epoch."""
+    from glo_search.search import sweep
 
-    storage = tmp_path_factory.mktemp("sweep")
-    grid = sweep(
+    return sweep(
         {"noise_std": FloatDistribution(0.05, 2.0)},
-        num_samples=2,
-        max_epochs=1,
         base_config={"num_images": NUM_IMAGES, "swap_sources": 20, "probe_every": 1},
-        scheduler=make_scheduler("fifo", 1),
         sampler="random",
         storage=storage,
-        name="probes",
+        name=name,
         max_concurrent=2,
         verbose=0,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep_trials(tmp_path_factory, ray_session):
+    from glo_search.search import make_scheduler
+
+    grid = probe_sweep(
+        tmp_path_factory.mktemp("sweep"),
+        "probes",
+        num_samples=2,
+        max_epochs=1,
+        scheduler=make_scheduler("fifo", 1),
     )
     trial_dirs = sorted(Path(grid.experiment_path).glob("trial_*"))
     assert len(trial_dirs) == 2
@@ -190,21 +200,13 @@ def sweep_trials(tmp_path_factory, ray_session):
 
 @pytest.fixture(scope="module")
 def stopped_trials(tmp_path_factory, ray_session):
-    from glo_search.search import sweep
-
-    storage = tmp_path_factory.mktemp("asha")
-    grid = sweep(
-        {"noise_std": FloatDistribution(0.05, 2.0)},
+    grid = probe_sweep(
+        tmp_path_factory.mktemp("asha"),
+        "stopped",
         num_samples=6,
         max_epochs=3,
-        base_config={"num_images": NUM_IMAGES, "swap_sources": 20, "probe_every": 1},
         grace_period=1,
         reduction_factor=3,
-        sampler="random",
-        storage=storage,
-        name="stopped",
-        max_concurrent=2,
-        verbose=0,
     )
     trials = pd.read_parquet(Path(grid.experiment_path) / "trials.parquet")
     trial_dirs = sorted(Path(grid.experiment_path).glob("trial_*"))
