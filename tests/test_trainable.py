@@ -1,7 +1,9 @@
 """Checkpoints and part timers of the trainable's reports, with Tune's report replaced."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs as pafs
 import pytest
 
 from glo_search import probes, trainable
@@ -99,6 +101,27 @@ def test_reports_carry_part_timers(train, reports):
             assert result[name] >= 0.0, name
     assert reports[-1][2]["train_time_s"] > reports[0][2]["train_time_s"]
     assert reports[-1][2]["log_time_s"] >= reports[0][2]["log_time_s"]
+
+
+@pytest.mark.parametrize(
+    ("filesystem", "expected"),
+    [
+        (pafs.LocalFileSystem(), "/runs/exp/trial_a/tensorboard"),
+        (pafs.SubTreeFileSystem("/bucket", pafs.LocalFileSystem()), "/work/trial_a/tensorboard"),
+    ],
+)
+def test_log_dir_by_storage(monkeypatch, filesystem, expected):
+    # On local storage the log goes straight to its final place, so no copy of the trial's
+    # files can miss its end. Elsewhere Tune copies the working folder.
+    storage = SimpleNamespace(
+        storage_filesystem=filesystem,
+        trial_fs_path="/runs/exp/trial_a",
+        trial_working_directory="/work/trial_a",
+    )
+    monkeypatch.setattr(
+        "ray.train._internal.session.get_session", lambda: SimpleNamespace(storage=storage)
+    )
+    assert trainable._log_dir() == Path(expected)
 
 
 def test_prepared_worker_reuses_digits(monkeypatch):
