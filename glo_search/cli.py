@@ -82,7 +82,7 @@ def _subcommand(commands, name: str, **options) -> argparse.ArgumentParser:
         "--quiet",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="log warnings and errors only (default: off)",
+        help="log warnings and errors only, and a sweep prints no trial table (default: off)",
     )
     return commands.add_parser(name, parents=[quiet], **options)
 
@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "optimization (GLO) on MNIST digits, with Ray Tune, Optuna and ASHA.",
     )
     parser.add_argument(
-        "-q", "--quiet", action="store_true", help="log warnings and errors only (default: off)"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="log warnings and errors only, and a sweep prints no trial table (default: off)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -531,6 +534,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         points=args.points,
         dashboard_host=args.dashboard,
         reuse_actors=args.reuse_workers,
+        verbose=0 if args.quiet else 1,  # Tune's table of trial statuses
     )
     return _print_summary(grid, args.metric)
 
@@ -660,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # INFO lines of other packages that tell a user nothing: Alembic's set-up of its
+    # plugins when a study file opens, and TensorBoard's scan of each trial's folder.
+    for name in ("alembic", "tensorboard"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.quiet:
         import optuna
 

@@ -152,4 +152,5 @@ def test_sweep_command_prints_best_trials(ray_session, tmp_path, capsys):
     output = capsys.readouterr().out
     assert "best 2 of 2 trials by disentanglement" in output
     assert f"experiment folder: {tmp_path / 'cli'}" in output
+    assert "TERMINATED" not in output  # -q hides Tune's table of trial statuses
     assert (tmp_path / "cli" / "trials.parquet").is_file()
