@@ -245,6 +245,7 @@ def load_info(folder: Path | None = None) -> ClassifierInfo:
             values = json.loads(info_path.read_text())
             values["train_indices"] = tuple(values["train_indices"])
             values["held_out_indices"] = tuple(values["held_out_indices"])
+            values["weights"] = str(weights_path)  # where it is now, if the cache moved
             return ClassifierInfo(**values)
         except (ValueError, KeyError, TypeError):
             logger.warning("cached classifier info %s is unreadable; retraining", info_path)

@@ -54,3 +54,11 @@ def test_classifier_gradients_match_plain_forward(classifier_state, digits_and_s
     F.cross_entropy(plain_classifier_logits(model, images), labels).backward()
     for (name, parameter), gradient in zip(model.named_parameters(), gradients, strict=True):
         torch.testing.assert_close(gradient, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_moved_cache_reports_its_weights(classifier_state, tmp_path):
+    # After a move of the cache (and GLO_SEARCH_CACHE set to it), the info names the new file.
+    weights, info = classifier._paths(classifier.cache_dir())
+    for path in (weights, info):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert classifier.load_info(tmp_path).weights == str(tmp_path / weights.name)
