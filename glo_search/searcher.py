@@ -440,9 +440,10 @@ class GloOptunaSearch(OptunaSearch):
         is_new = trial_id not in self._ot_trials
         with self._storage.batch():  # the parameters and the attribute: one commit
             params = super().suggest(trial_id)
-            if is_new and trial_id in self._ot_trials:
+            is_new = is_new and trial_id in self._ot_trials
+            if is_new:
                 self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-        if is_new and trial_id in self._ot_trials:
+        if is_new:
             self._known_epochs[trial_id] = set()  # a new trial: nothing to read back
             self.sync_mirror()
         return params

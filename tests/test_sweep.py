@@ -125,8 +125,8 @@ def test_sweep_tensorboard_per_trial(small_sweep):
     assert len(set(processes)) < len(processes), "no trial ran in a reused worker"
 
 
-def test_fifo_stops_a_trial_at_its_last_epoch():
-    # Tune then ends the trial on that result instead of asking the worker for another.
+def test_fifo_stops_at_last_epoch():
+    # Tune then ends the trial on that result instead of requesting another from the worker.
     scheduler = make_scheduler("fifo", 5)
     assert scheduler.on_trial_result(None, None, {"epoch": 4}) == TrialScheduler.CONTINUE
     assert scheduler.on_trial_result(None, None, {"epoch": 5}) == TrialScheduler.STOP

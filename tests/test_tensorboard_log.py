@@ -166,11 +166,12 @@ def test_negative_probe_every_rejected():
         TrainConfig(probe_every=-1)
 
 
-def probe_sweep(storage, name: str, **options):
-    """Run a small sweep over noise_std that writes probe images at every epoch."""
+def probe_sweep(storage, name: str, **options) -> tuple[Path, list]:
+    """Run a small sweep over noise_std that writes probe images at every epoch, and
+    return its experiment folder and the event files of each trial, in folder order."""
     from glo_search.search import sweep
 
-    return sweep(
+    grid = sweep(
         {"noise_std": FloatDistribution(0.05, 2.0)},
         base_config={"num_images": NUM_IMAGES, "swap_sources": 20, "probe_every": 1},
         sampler="random",
@@ -180,27 +181,29 @@ def probe_sweep(storage, name: str, **options):
         verbose=0,
         **options,
     )
+    folder = Path(grid.experiment_path)
+    trial_dirs = sorted(folder.glob("trial_*"))
+    return folder, [read_events(trial / "tensorboard") for trial in trial_dirs]
 
 
 @pytest.fixture(scope="module")
 def sweep_trials(tmp_path_factory, ray_session):
     from glo_search.search import make_scheduler
 
-    grid = probe_sweep(
+    _, logs = probe_sweep(
         tmp_path_factory.mktemp("sweep"),
         "probes",
         num_samples=2,
         max_epochs=1,
         scheduler=make_scheduler("fifo", 1),
     )
-    trial_dirs = sorted(Path(grid.experiment_path).glob("trial_*"))
-    assert len(trial_dirs) == 2
-    return [read_events(folder / "tensorboard") for folder in trial_dirs]
+    assert len(logs) == 2
+    return logs
 
 
 @pytest.fixture(scope="module")
 def stopped_trials(tmp_path_factory, ray_session):
-    grid = probe_sweep(
+    folder, logs = probe_sweep(
         tmp_path_factory.mktemp("asha"),
         "stopped",
         num_samples=6,
@@ -208,9 +211,7 @@ def stopped_trials(tmp_path_factory, ray_session):
         grace_period=1,
         reduction_factor=3,
     )
-    trials = pd.read_parquet(Path(grid.experiment_path) / "trials.parquet")
-    trial_dirs = sorted(Path(grid.experiment_path).glob("trial_*"))
-    return trials, [read_events(folder / "tensorboard") for folder in trial_dirs]
+    return pd.read_parquet(folder / "trials.parquet"), logs
 
 
 def test_stopped_trials_end_their_hparams_session(stopped_trials):
@@ -231,8 +232,8 @@ def test_sweep_trials_write_every_kind(sweep_trials):
 
 
 def test_sweep_trials_end_their_hparams_session(sweep_trials):
-    # The scheduler stops each trial at its last epoch's report; the log must be whole in
-    # the copy that Tune makes of the trial's files.
+    # The scheduler stops each trial at its last epoch's report, so the log must be whole
+    # by then.
     for events in sweep_trials:
         assert "_hparams_/session_end_info" in hparams_data(events)
 
