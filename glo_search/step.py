@@ -21,11 +21,14 @@ operations. The linear layers stay PyTorch's. Without the kernels (no C compiler
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from glo_search import native
 from glo_search.kernels import KERNEL, TAPS, _fold_matrix_on
+from glo_search.losses import recon_error
 from glo_search.model import ACTIVATION_CHANNELS, GloGenerator, LatentCodes
 
 # d(loss)/d(output - target) per pixel, times the pixel count: (sign weight, linear weight).
@@ -290,32 +293,104 @@ def decode(
     The linear layers take every code at once. The convolution stages then run on
     ``chunk`` images at a time (all at once by default), whose maps stay in cache.
     """
-    batch = len(class_code)
-    if batch == 0:
+    if len(class_code) == 0:
         return class_code.new_empty(0, 1, 28, 28)
-    channels = ACTIVATION_CHANNELS
-    hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
-    maps5 = hidden.view(batch, channels, 5, 5).permute(0, 2, 3, 1).contiguous()
-    conv14, norm = generator.to_14[1], generator.to_14[2]
-    conv28 = generator.to_28[1]
-    kernel14, kernel28 = _folded(conv14.weight), _folded(conv28.weight)
-    fits = maps5.dtype == torch.float32 and not maps5.is_cuda and channels == native.MAP_CHANNELS
-    lib = native.kernels() if fits else None
-    if lib is not None:
-        gain = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * gain
-    outputs = []
-    for part in maps5.split(chunk or batch):
-        if lib is None:
-            outputs.append(_decode_stages(part, kernel14, kernel28, conv14, norm, conv28))
-            continue
+    stages = _DecodeStages(generator, class_code, content_code)
+    images = stages.maps5.new_empty(stages.batch, 1, 28, 28)
+    for start, stop in stages.chunks(chunk):
+        stages.run(start, stop, images[start:stop])
+    return images
+
+
+@torch.no_grad()
+def reconstruction_error(
+    generator: GloGenerator,
+    class_code: torch.Tensor,
+    content_code: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int | None = None,
+) -> float:
+    """Return the pixel error of :func:`glo_search.losses.recon_error` between the decoded
+    codes and targets (B, 1, 28, 28), without keeping the decoded images.
+
+    The C kernels sum each chunk's absolute and squared differences as they make its
+    images. Against decoding first, this took 51 ms instead of 66 ms for 2,000
+    reconstructions and 1,350 other images on one core of a 2-core Intel Xeon VM.
+    """
+    stages = _DecodeStages(generator, class_code, content_code)
+    if stages.lib is None or stages.batch == 0:
+        return recon_error(decode(generator, class_code, content_code, chunk), targets).item()
+    size = min(chunk or stages.batch, stages.batch)
+    scratch = stages.maps5.new_empty(size, 1, 28, 28)
+    sums = torch.empty(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64)
+    for start, stop in stages.chunks(chunk):
+        stages.run(start, stop, scratch[: stop - start], targets[start:stop], sums)
+        total += sums
+    pixels = max(targets.numel(), 1)
+    return (0.5 * total[0] / pixels + 0.5 * total[1] / pixels).item()
+
+
+class _DecodeStages:
+    """The ``glo`` generator's linear layers applied to every code, and its convolution
+    stages ready to run on a range of them."""
+
+    def __init__(
+        self, generator: GloGenerator, class_code: torch.Tensor, content_code: torch.Tensor
+    ) -> None:
+        self.batch = len(class_code)
+        channels = ACTIVATION_CHANNELS
+        hidden = generator.fc(torch.cat([class_code, content_code], dim=1))
+        self.maps5 = hidden.view(self.batch, channels, 5, 5).permute(0, 2, 3, 1).contiguous()
+        self.conv14, self.norm = generator.to_14[1], generator.to_14[2]
+        self.conv28 = generator.to_28[1]
+        self.kernel14, self.kernel28 = _folded(self.conv14.weight), _folded(self.conv28.weight)
+        maps5 = self.maps5
+        fits = (
+            maps5.dtype == torch.float32 and not maps5.is_cuda and channels == native.MAP_CHANNELS
+        )
+        self.lib = native.kernels() if fits else None
+        if self.lib is not None:
+            norm = self.norm
+            self.gain = norm.weight * (norm.running_var + norm.eps).rsqrt()
+            self.shift = norm.bias - norm.running_mean * self.gain
+            self.active: torch.Tensor | None = None
+
+    def chunks(self, chunk: int | None) -> Iterator[tuple[int, int]]:
+        step = chunk or self.batch
+        for start in range(0, self.batch, step):
+            yield start, min(start + step, self.batch)
+
+    def run(
+        self,
+        start: int,
+        stop: int,
+        out: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        sums: torch.Tensor | None = None,
+    ) -> None:
+        """Decode codes start to stop into out (stop - start, 1, 28, 28). With targets,
+        the C kernel writes into out the loss gradient of zero weights instead, and into
+        sums (2 doubles) the sums of |output - target| and (output - target)^2."""
+        part = self.maps5[start:stop]
+        if self.lib is None:
+            out.copy_(
+                _decode_stages(
+                    part, self.kernel14, self.kernel28, self.conv14, self.norm, self.conv28
+                )
+            )
+            return
         size = len(part)
-        active = part.new_empty(size, 14, 14, channels)
-        lib.stage_forward(part, kernel14, conv14.bias, active, gain, shift, size, 5, 5, 0)
-        images = part.new_empty(size, 1, 28, 28)
-        lib.stage_loss(active, kernel28, conv28.bias, None, images, None, size, 14, 14, 2, 0, 0, 1)
-        outputs.append(images)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if self.active is None or len(self.active) < size:
+            self.active = part.new_empty(size, 14, 14, ACTIVATION_CHANNELS)
+        active = self.active[:size]
+        self.lib.stage_forward(
+            part, self.kernel14, self.conv14.bias, active, self.gain, self.shift, size, 5, 5, 0
+        )
+        targets = None if targets is None else targets.contiguous()
+        self.lib.stage_loss(
+            active, self.kernel28, self.conv28.bias, targets, out, sums, size, 14, 14, 2, 0, 0, 1
+        )
 
 
 def _decode_stages(

@@ -19,6 +19,7 @@ from glo_search.losses import build_loss
 from glo_search.model import GloGenerator, LatentCodes, build_generator
 from glo_search.optim import Adam
 from glo_search.step import FusedAdamSteps, GloStep, decode, supported
+from glo_search.step import reconstruction_error as decoded_recon_error
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class Trainer:
         self.generator.eval()
         chunk = EVAL_BATCH.get(self.device.type, DEFAULT_EVAL_BATCH)
         generator = self.generator
-        if self.device.type == "cpu" and type(generator) is GloGenerator:
+        if self._decodes_by_stages():
             outputs = decode(generator, class_codes, content_codes, chunk)
         else:
             outputs = torch.cat(
@@ -199,19 +200,31 @@ class Trainer:
         return self.generate(self.codes.classes[self.labels[indices]], self.codes.content[indices])
 
     @torch.no_grad()
+    def reconstruction_error(self) -> float:
+        """Return ``recon_error``: the pixel error of every training image's reconstruction
+        from its clean codes, in evaluation mode."""
+        class_codes = self.codes.classes.detach()[self.labels]
+        content_codes = self.codes.content.detach()
+        if self._decodes_by_stages():
+            chunk = EVAL_BATCH[self.device.type]
+            return decoded_recon_error(
+                self.generator, class_codes, content_codes, self.images, chunk
+            )
+        return m.recon_error(self.generate(class_codes, content_codes), self.images)
+
+    def _decodes_by_stages(self) -> bool:
+        return self.device.type == "cpu" and type(self.generator) is GloGenerator
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Compute every metric of :data:`glo_search.metrics.METRICS` and the nearest classes."""
         class_codes = self.codes.classes.detach()
         content_codes = self.codes.content.detach()
-        count = len(self.labels)
         targets = self.swaps.targets.to(self.device)
-        # One pass decodes the reconstructions (N) and the cross-class swaps (M).
-        outputs = self.generate(
-            torch.cat([class_codes[self.labels], class_codes[targets]]),
-            torch.cat([content_codes, content_codes[self.swaps.sources.to(self.device)]]),
-        )  # (N + M, 1, 28, 28)
-        recon = m.recon_error(outputs[:count], self.images)
-        swap_outputs = outputs[count:]
+        recon = self.reconstruction_error()
+        swap_outputs = self.generate(
+            class_codes[targets], content_codes[self.swaps.sources.to(self.device)]
+        )  # (M, 1, 28, 28)
         nearest = m.nearest_classes(class_codes.cpu())
         if self.classifier is not None:
             chunk = CLASSIFIER_BATCH.get(self.device.type, DEFAULT_EVAL_BATCH)

@@ -94,7 +94,15 @@ def _assert_style_matches_plain(images: torch.Tensor) -> None:
         torch.testing.assert_close(fast[:, j], plain[:, j], rtol=3e-7, atol=1e-6, msg=name)
 
 
-def test_style_attributes_match_plain_on_digits(small_dataset):
+@pytest.fixture(params=["C kernel", "PyTorch"])
+def style_path(request, monkeypatch):
+    """Runs a test with the C kernel for style attributes, then without it."""
+    if request.param == "PyTorch":
+        monkeypatch.setattr(m, "_native_style_sums", lambda x: None)
+    return request.param
+
+
+def test_style_attributes_match_plain_on_digits(small_dataset, style_path):
     from glo_search.config import TrainConfig
     from glo_search.trainer import Trainer
 
@@ -104,7 +112,7 @@ def test_style_attributes_match_plain_on_digits(small_dataset):
     _assert_style_matches_plain(torch.cat([small_dataset.images, generated]))
 
 
-def test_style_attributes_match_plain_on_other_images():
+def test_style_attributes_match_plain_on_other_images(style_path):
     generator = torch.Generator().manual_seed(0)
     cases = {
         "uniform noise, not square": torch.rand(30, 1, 20, 33, generator=generator),

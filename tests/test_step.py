@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
+from glo_search import native
 from glo_search.config import TrainConfig
 from glo_search.model import GloGenerator, LatentCodes, build_generator
-from glo_search.step import FusedAdamSteps, GloStep, decode, supported
+from glo_search.step import FusedAdamSteps, GloStep, decode, reconstruction_error, supported
 from glo_search.trainer import Trainer
 
 LOSSES = {
@@ -63,6 +64,28 @@ def test_decode_matches_generator_in_eval_mode():
     with torch.no_grad():
         expected = generator(class_code, content_code)
     torch.testing.assert_close(decode(generator, class_code, content_code), expected)
+
+
+@pytest.mark.parametrize("native_kernels", [True, False])
+@pytest.mark.parametrize("chunk", [None, 7, 32])
+def test_reconstruction_error_matches_decoded_images(monkeypatch, native_kernels, chunk):
+    if not native_kernels:
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    elif native.kernels() is None:
+        pytest.skip("the C kernels could not be built here")
+    reference, codes = _model(images=40)
+    reference.to_14[2].running_mean.uniform_(-1, 1)
+    reference.to_14[2].running_var.uniform_(0.5, 2)
+    reference.eval()
+    class_code = codes.classes[torch.arange(40) % 10]
+    targets = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = LOSSES["l1+l2"](reference(class_code, codes.content), targets.double())
+    generator = copy.deepcopy(reference).float()
+    got = reconstruction_error(
+        generator, class_code.float(), codes.content.float(), targets, chunk
+    )
+    assert got == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_fused_adam_steps_equal_adam_step():

@@ -4,7 +4,7 @@ from plain_metrics import plain_classifier_logits, plain_style_attributes
 
 from glo_search import classifier
 from glo_search.config import TrainConfig
-from glo_search.metrics import METRICS, style_transfer
+from glo_search.metrics import METRICS, recon_error, style_transfer
 from glo_search.trainer import Trainer, read_checkpoint
 
 
@@ -65,6 +65,14 @@ def test_evaluate_matches_plain_metrics(small_dataset, classifier_state):
     )
     assert results["class_fidelity"] == fidelity
     assert results["style_transfer"] == pytest.approx(transfer, abs=1e-6)
+
+
+@pytest.mark.parametrize("generator", ["glo", "adain"])
+def test_evaluate_recon_error_of_reconstructions(small_dataset, generator):
+    trainer = Trainer(_config(generator=generator), small_dataset, device="cpu")
+    trainer.train_epoch()
+    expected = recon_error(trainer.reconstruct(), small_dataset.images[:200])
+    assert trainer.evaluate()["recon_error"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_evaluate_without_classifier_reports_nan_fidelity(small_dataset):

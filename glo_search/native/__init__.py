@@ -80,6 +80,7 @@ SIGNATURES = {
     "conv_pool_relu": [_POINTER] * 4 + [_INT] * 5,
     "winograd_conv_pool_relu": [_POINTER] * 4 + [_INT] * 3,
     "logistic_objective": [_POINTER] * 5 + [_INT] * 3 + [_DOUBLE],
+    "style_sums": [_POINTER] * 2 + [_INT] * 3,
 }
 
 

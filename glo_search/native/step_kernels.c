@@ -1168,3 +1168,70 @@ int logistic_objective(const double *restrict x, const double *restrict w,
     free(last_rows);
     return KERNEL_OK;
 }
+
+/*
+ * The style attributes' sums over each of count (H, W) images, in double:
+ * out (count, 5) = ink mass, mu20, mu02 and mu11 (the central moments, not yet divided by
+ * the mass), and the perimeter: the sum of sqrt(dx^2 + dy^2) over pixels, where dx and
+ * dy are the forward differences to the next column and row, and the pixels past the
+ * last column and row count as zero.
+ *
+ * The moments come from the row and column sums, about the ink's centre, as in
+ * glo_search/metrics.py's _ink_moments. A blank image gets mass 0 and its moments about
+ * the centre that a mass of 1e-8 gives; metrics.py clamps the mass the same way.
+ */
+int style_sums(const float *restrict images, double *restrict out, int64_t count,
+               int64_t height, int64_t width) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < count; b++) {
+        double rows[height], row_moments[height], columns[width];
+        const float *x = images + b * height * width;
+        double perimeter = 0.0;
+        for (int64_t w = 0; w < width; w++) {
+            columns[w] = 0.0;
+        }
+        for (int64_t h = 0; h < height; h++) {
+            const float *row = x + h * width;
+            const float *below = h + 1 < height ? row + width : NULL;
+            double ink = 0.0, moment = 0.0;
+            for (int64_t w = 0; w < width; w++) {
+                const double value = row[w];
+                const double dx = (w + 1 < width ? (double)row[w + 1] : 0.0) - value;
+                const double dy = (below != NULL ? (double)below[w] : 0.0) - value;
+                ink += value;
+                moment += value * (double)w;
+                columns[w] += value;
+                perimeter += sqrt(dx * dx + dy * dy);
+            }
+            rows[h] = ink;
+            row_moments[h] = moment;
+        }
+        double mass = 0.0, sum_x = 0.0, sum_y = 0.0;
+        for (int64_t h = 0; h < height; h++) {
+            mass += rows[h];
+            sum_y += rows[h] * (double)h;
+        }
+        for (int64_t w = 0; w < width; w++) {
+            sum_x += columns[w] * (double)w;
+        }
+        const double divisor = mass > 1e-8 ? mass : 1e-8;
+        const double mean_x = sum_x / divisor, mean_y = sum_y / divisor;
+        double mu20 = 0.0, mu02 = 0.0, mu11 = 0.0;
+        for (int64_t w = 0; w < width; w++) {
+            const double dx = (double)w - mean_x;
+            mu20 += columns[w] * dx * dx;
+        }
+        for (int64_t h = 0; h < height; h++) {
+            const double dy = (double)h - mean_y;
+            mu02 += rows[h] * dy * dy;
+            mu11 += dy * (row_moments[h] - mean_x * rows[h]);
+        }
+        double *result = out + 5 * b;
+        result[0] = mass;
+        result[1] = mu20;
+        result[2] = mu02;
+        result[3] = mu11;
+        result[4] = perimeter;
+    }
+    return KERNEL_OK;
+}
