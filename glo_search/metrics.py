@@ -131,8 +131,8 @@ def _native_style_sums(x: torch.Tensor) -> torch.Tensor | None:
     """Return (N, 5) float64 mass, unscaled mu20, mu02, mu11 and perimeter of (N, H, W)
     images from the C kernel style_sums, or None where it does not apply.
 
-    On one core of a 2-core Intel Xeon VM, the style attributes of 1,350 decoded digits
-    took 2.2 ms this way against 10.7 ms in PyTorch operations.
+    On one core of a 2-core Intel Xeon VM, the style attributes of 1,350 images took
+    2.1 ms this way against 4.6 ms in PyTorch operations.
     """
     if x.dtype != torch.float32 or x.device.type != "cpu" or len(x) == 0:
         return None
