@@ -1,6 +1,7 @@
 """The hand-written training step and evaluation decoder against autograd on the modules."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -86,6 +87,26 @@ def test_reconstruction_error_matches_decoded_images(monkeypatch, native_kernels
         generator, class_code.float(), codes.content.float(), targets, chunk
     )
     assert got == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_reconstruction_error_rejects_unpaired_targets():
+    generator, codes = _model(images=10)
+    generator = generator.float().eval()
+    class_code, content_code = codes.classes.float(), codes.content.float()
+    with pytest.raises(
+        ValueError, match=r"targets must be \(10, 1, 28, 28\).*got \(9, 1, 28, 28\)"
+    ):
+        reconstruction_error(generator, class_code, content_code, torch.rand(9, 1, 28, 28))
+
+
+def test_reconstruction_error_of_no_codes_is_nan():
+    generator, codes = _model()
+    generator = generator.float().eval()
+    empty = torch.zeros(0, 1, 28, 28)
+    error = reconstruction_error(
+        generator, codes.classes[:0].float(), codes.content[:0].float(), empty
+    )
+    assert math.isnan(error)
 
 
 def test_fused_adam_steps_equal_adam_step():
