@@ -99,6 +99,8 @@ def style_path(request, monkeypatch):
     """Runs a test with the C kernel for style attributes, then without it."""
     if request.param == "PyTorch":
         monkeypatch.setattr(m, "_native_style_sums", lambda x: None)
+    elif native.kernels() is None:
+        pytest.skip("the C kernels could not be built here")
     return request.param
 
 
@@ -124,6 +126,40 @@ def test_style_attributes_match_plain_on_other_images(style_path):
         fast = m.style_attributes(images)
         assert fast.shape == (len(images), 3), name
         _assert_style_matches_plain(images)
+
+
+def test_style_kernel_matches_float64():
+    if native.kernels() is None:
+        pytest.skip("the C kernels could not be built here")
+    images = torch.rand(40, 1, 20, 33, generator=torch.Generator().manual_seed(1)) ** 3
+    sums = m._native_style_sums(images[:, 0])
+    assert sums is not None
+    x = images[:, 0].double()
+    ys = torch.arange(20, dtype=x.dtype).view(1, -1, 1)
+    xs = torch.arange(33, dtype=x.dtype).view(1, 1, -1)
+    mass = x.sum(dim=(1, 2))
+    dx = xs - ((x * xs).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
+    dy = ys - ((x * ys).sum(dim=(1, 2)) / mass).view(-1, 1, 1)
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    grad_x = padded[:, :-1, 1:] - padded[:, :-1, :-1]
+    grad_y = padded[:, 1:, :-1] - padded[:, :-1, :-1]
+    expected = {
+        "mass": mass,
+        "mu20": (x * dx * dx).sum(dim=(1, 2)),
+        "mu02": (x * dy * dy).sum(dim=(1, 2)),
+        "mu11": (x * dx * dy).sum(dim=(1, 2)),
+        "perimeter": torch.sqrt(grad_x**2 + grad_y**2).sum(dim=(1, 2)),
+    }
+    for j, (name, want) in enumerate(expected.items()):
+        torch.testing.assert_close(sums[:, j], want, rtol=1e-12, atol=1e-9, msg=name)
+
+
+def test_wide_images_skip_style_kernel():
+    wide = torch.rand(
+        2, 1, 1, m.STYLE_KERNEL_MAX_SIDES, generator=torch.Generator().manual_seed(2)
+    )
+    assert m._native_style_sums(wide[:, 0]) is None
+    _assert_style_matches_plain(wide)
 
 
 def test_style_attributes_of_no_images():
