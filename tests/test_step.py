@@ -109,6 +109,18 @@ def test_reconstruction_error_of_no_codes_is_nan():
     assert math.isnan(error)
 
 
+def test_codes_not_finite_decode_to_nan():
+    generator, codes = _model(images=4)
+    generator = generator.float().eval()
+    class_code, content_code = codes.classes[:4].float(), codes.content.float()
+    content_code[1, 0] = math.nan
+    content_code[2, 0] = math.inf
+    finite = torch.isfinite(decode(generator, class_code, content_code)).flatten(1).all(dim=1)
+    assert finite.tolist() == [True, False, False, True]
+    targets = torch.rand(4, 1, 28, 28)
+    assert math.isnan(reconstruction_error(generator, class_code, content_code, targets))
+
+
 def test_fused_adam_steps_equal_adam_step():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(4, 3), (5,), (2, 2)]]
