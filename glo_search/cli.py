@@ -543,7 +543,12 @@ def _run_resume(args: argparse.Namespace) -> int:
     from glo_search.resume import read_settings, resume
     from glo_search.storage import open_experiment
 
-    grid = resume(args.experiment, address=args.address, dashboard_host=args.dashboard)
+    grid = resume(
+        args.experiment,
+        address=args.address,
+        dashboard_host=args.dashboard,
+        verbose=0 if args.quiet else 1,  # as for sweep; Tune would keep the sweep's
+    )
     return _print_summary(grid, read_settings(open_experiment(args.experiment))["metric"])
 
 

@@ -101,6 +101,7 @@ def resume(
     space: Any = None,
     address: str | None = None,
     dashboard_host: str | None = None,
+    verbose: int | None = None,
 ) -> tune.ResultGrid:
     """Continue the sweep in an experiment folder (a local path or a URI).
 
@@ -121,6 +122,8 @@ def resume(
             domains that was not given by name or file (Tune does not save that dict).
         address: a Ray cluster address; default: start Ray in this process.
         dashboard_host: start Ray's dashboard bound to this address (local Ray only).
+        verbose: Ray Tune's verbosity for the resumed part (0 hides its table of trial
+            statuses); default: the sweep's, which Tune saved.
     """
     from glo_search.search import (
         configure_tune_environment,
@@ -163,6 +166,8 @@ def resume(
             f"cannot resume {location.uri}: Ray Tune's saved state ({TUNER_FILE}) is "
             f"damaged ({type(error).__name__}: {error}); restore it from a copy"
         ) from None
+    if verbose is not None:
+        tuner._local_tuner.get_run_config().verbose = verbose
     searcher = _relocate(tuner, location)
     rungs.refill(
         _restored_scheduler(tuner),

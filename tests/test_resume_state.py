@@ -375,6 +375,19 @@ def test_resume_from_other_folder(space_file_sweep, tmp_path, monkeypatch):
     assert not grid.errors
 
 
+@pytest.mark.parametrize("verbose", [0, 1])
+def test_resume_verbosity(space_file_sweep, tmp_path, monkeypatch, capsys, verbose):
+    work, folder = space_file_sweep  # swept with verbose=0
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    monkeypatch.chdir(work)
+
+    resume(copy, verbose=verbose)
+
+    shown = "TERMINATED" in capsys.readouterr().out  # Tune's table of trial statuses
+    assert shown == bool(verbose)
+
+
 def test_resume_sets_tune_environment(space_file_sweep, tmp_path, monkeypatch):
     work, folder = space_file_sweep
     copy = tmp_path / "exp"
