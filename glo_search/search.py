@@ -435,7 +435,8 @@ def sweep(
         _check_local_fit(cpus_per_trial, gpus_per_trial)
     _check_max_failures(max_failures)
     warm_start = _warm_start_points(points, resolved, search_alg, base, num_samples)
-    name = name or f"{resolved.name if resolved else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if name is None:
+        name = f"{resolved.name if resolved else 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_name(name)
     location = _experiment_location(storage, name)
     study_preparation = _start_study_preparation()
@@ -755,8 +756,8 @@ def _check_name(name: str) -> None:
     """Reject experiment names that would leave --storage or nest folders."""
     if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
         raise ConfigError(
-            f"invalid --name {name!r}: use a plain folder name without '/' that does not "
-            "start with '.'"
+            f"invalid --name {name!r}: use a plain, non-empty folder name without '/' that "
+            "does not start with '.'"
         )
 
 

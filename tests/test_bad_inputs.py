@@ -80,6 +80,12 @@ CASES = [
         "'../escape'",
     ),
     Case(
+        "empty-name",
+        "empty experiment name",
+        "sweep --name ''",
+        "invalid --name ''",
+    ),
+    Case(
         "too-many-cpus",
         "trial that needs more CPUs than the machine has",
         "sweep --cpus-per-trial 4096",
