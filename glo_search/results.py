@@ -132,6 +132,17 @@ class ResultsWriter(tune.Callback):
         if time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
+    def on_trial_save(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        """Name the checkpoint that Tune keeps once it has taken in the trial's new one.
+
+        on_trial_result comes before that, so the row would name the checkpoint kept
+        before it, which Tune deletes when it keeps one checkpoint per trial. A sweep
+        interrupted before the trial ends keeps this row.
+        """
+        row = self.trials.get(trial.trial_id)
+        if row is not None and not self._ignored(trial):
+            row["checkpoint_path"] = _best_checkpoint(trial, self.experiment_dir)
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._finish(trial, error=False)
 

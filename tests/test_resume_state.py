@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray import tune
 from ray.train import Checkpoint
+from ray.train._internal.checkpoint_manager import _CheckpointManager
 from ray.train._internal.session import _TrainingResult
 from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
@@ -215,6 +216,35 @@ def test_experiment_end_skips_never_started_trial(tmp_path):
     rows = pq.read_table(location.open_input_file(TRIALS_FILE)).to_pylist()
     assert [row["trial_id"] for row in rows] == ["a"]
     assert rows[0]["status"] == "running"
+
+
+def test_interrupted_trial_names_kept_checkpoint(tmp_path):
+    location = _location("local", tmp_path)
+    writer = _writer(location)
+    writer.setup()
+    trial = _trial(location, "a", Trial.RUNNING)
+    trial.run_metadata.checkpoint_manager = _CheckpointManager(
+        tune.CheckpointConfig(
+            num_to_keep=1,
+            checkpoint_score_attribute="disentanglement",
+            checkpoint_score_order="max",
+        )
+    )
+    writer.on_trial_start(0, [trial], trial)
+    for epoch, value in [(1, 0.5), (2, 0.6)]:  # as Tune takes in a result with a checkpoint
+        result = _result("a", epoch, value)
+        writer.on_trial_result(0, [trial], trial, result)
+        folder = tmp_path / "exp" / "trial_a" / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir(parents=True)
+        trial.on_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(folder)), metrics=result))
+        writer.on_trial_save(0, [trial], trial)
+    trial.set_status(Trial.TERMINATED)  # Ctrl-C
+
+    writer.on_experiment_end(trials=[trial])
+
+    rows = pq.read_table(location.open_input_file(TRIALS_FILE)).to_pylist()
+    assert rows[0]["checkpoint_path"] == "trial_a/checkpoint_000001"
+    assert (tmp_path / "exp" / rows[0]["checkpoint_path"]).is_dir()
 
 
 def test_experiment_end_keeps_finished_rows(tmp_path):
