@@ -753,12 +753,33 @@ def local_trial_slots(
 
 
 def _check_name(name: str) -> None:
-    """Reject experiment names that would leave --storage or nest folders."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+    """Reject experiment names that would leave --storage, nest folders, or make a folder
+    that is hard to name in a shell or that the filesystem refuses."""
+    problem = _name_problem(name)
+    if problem:
         raise ConfigError(
-            f"invalid --name {name!r}: use a plain, non-empty folder name without '/' that "
-            "does not start with '.'"
+            f"invalid --name {name!r}: {problem}; use a plain folder name, such as 'default-run'"
         )
+
+
+# ext4 and XFS take file names of at most 255 bytes.
+MAX_NAME_BYTES = 255
+
+
+def _name_problem(name: str) -> str | None:
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if name.startswith("."):
+        return "it starts with '.'"
+    if name != name.strip():
+        return "it starts or ends with a space"
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return "it contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"it is longer than {MAX_NAME_BYTES} bytes"
+    return None
 
 
 def _tune_metric(scheduler: TrialScheduler, metric: str, mode: str) -> dict[str, str]:

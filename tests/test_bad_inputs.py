@@ -86,6 +86,18 @@ CASES = [
         "invalid --name ''",
     ),
     Case(
+        "name-with-spaces",
+        "experiment name with a space at its end",
+        "sweep --name 'run '",
+        "'run '",
+    ),
+    Case(
+        "name-too-long",
+        "experiment name longer than a file name may be",
+        "sweep --name " + "n" * 256,
+        "longer than 255 bytes",
+    ),
+    Case(
         "too-many-cpus",
         "trial that needs more CPUs than the machine has",
         "sweep --cpus-per-trial 4096",

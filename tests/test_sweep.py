@@ -12,7 +12,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from glo_search.config import ConfigError
 from glo_search.metrics import METRICS
-from glo_search.search import make_scheduler, sweep
+from glo_search.search import _check_name, make_scheduler, sweep
 
 SMALL = {"num_images": 300, "swap_sources": 60, "eval_every": 1}
 
@@ -281,3 +281,22 @@ def test_sweep_with_define_by_run_space_file(ray_session, tmp_path):
     trials = pd.read_parquet(tmp_path / "runs" / "file" / "trials.parquet")
     assert len(trials) == 2
     assert trials["class_dim"].between(2, 8).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("a\nb", "control character"),
+        ("tab\there", "control character"),
+        (" lead", "starts or ends with a space"),
+        ("é" * 128, "longer than 255 bytes"),
+    ],
+)
+def test_sweep_rejects_bad_names(name, problem, tmp_path):
+    with pytest.raises(ConfigError, match=problem):
+        sweep("default", num_samples=1, max_epochs=1, storage=tmp_path, name=name)
+    assert not list(tmp_path.iterdir())  # nothing created
+
+
+def test_sweep_name_of_255_bytes_is_valid():
+    _check_name("é" * 127 + "n")
