@@ -236,7 +236,12 @@ def study_with_best_values(study, trials: pd.DataFrame, metric: str):
     import optuna
 
     best = trials.set_index("trial_id")[best_column(metric)].dropna().to_dict()
-    copy = optuna.create_study(directions=study.directions)
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line
+    try:
+        copy = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(previous)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for trial in study.get_trials(deepcopy=False, states=states):
         value = best.get(trial.user_attrs.get("tune_trial_id"))
