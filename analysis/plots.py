@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from analysis.tables import best_column, valid_epochs
 from glo_search.metrics import IDEAL_NEIGHBOURS, METRICS
@@ -148,6 +148,7 @@ def plot_rung_survival(survival: pd.DataFrame) -> Figure:
     )
     axes.set_xlabel("epochs (rung milestone)")
     axes.set_ylabel("trials that reached it")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of trials
     axes.margins(y=0.15)
     return figure
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import analysis
-from analysis import tables
+from analysis import plots, tables
 from analysis.probes import probe_images, trial_folder
 from analysis.synthetic import write_experiment
 from glo_search.cli import main
@@ -201,6 +201,15 @@ def test_rung_survival_counts():
     assert survival["kind"].tolist() == ["rung", "rung", "rung", "max_epochs"]
     assert survival["reached"].tolist() == [7, 5, 2, 1]
     assert survival["share"].tolist() == [7 / 8, 5 / 8, 2 / 8, 1 / 8]
+
+
+def test_rung_survival_plot_counts_whole_trials():
+    trials = pd.DataFrame({"epochs_run": [2] * 12 + [6] * 2 + [20] * 2})
+    survival = tables.rung_survival(trials, [2.0, 6.0], max_epochs=20)
+    figure = plots.plot_rung_survival(survival)
+    figure.canvas.draw()
+    ticks = figure.axes[0].get_yticks()
+    assert all(tick == int(tick) for tick in ticks), ticks
 
 
 # --- tables of trials ---------------------------------------------------------------------
