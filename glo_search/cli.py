@@ -68,6 +68,24 @@ def _add_config_flags(parser: argparse.ArgumentParser, names, sweep: bool) -> No
         )
 
 
+def _path(text: str) -> Path:
+    """argparse type for a file or folder path, which must not be blank."""
+    return Path(_location(text))
+
+
+def _location(text: str) -> str:
+    """argparse type for a path or storage URI, which must not be blank.
+
+    Path('') is the current folder, so a blank value from an unset shell variable would
+    otherwise write into, or read from, wherever the command runs.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is blank; name a file or folder ('.' for the current folder)"
+        )
+    return text
+
+
 def _metric_help() -> str:
     return f"metric to optimize, one of {', '.join(METRICS)} (default: disentanglement)"
 
@@ -133,7 +151,7 @@ def _add_train(commands) -> None:
     )
     train.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         default=None,
         help="output folder (default: glo-runs/train-<time>)",
     )
@@ -202,7 +220,7 @@ def _add_search_flags(group) -> None:
     )
     group.add_argument(
         "--points",
-        type=Path,
+        type=_path,
         default=None,
         metavar="FILE",
         help="JSON or YAML list of configurations to evaluate first (warm start); keys "
@@ -275,6 +293,7 @@ def _add_resource_flags(group) -> None:
     )
     group.add_argument(
         "--storage",
+        type=_location,
         default="glo-runs",
         help="folder, or URI that pyarrow.fs understands (file:///..., s3://bucket/...), "
         "under which the experiment folder is made; on a cluster every node must reach "
@@ -324,7 +343,7 @@ def _add_study(commands) -> None:
     )
     study.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         default=None,
         help="study folder (default: glo-runs/study-full, or glo-runs/study-quick)",
     )
@@ -355,7 +374,9 @@ def _add_resume(commands) -> None:
         "keeps its history. Resuming unpickles state stored in the folder, so resume "
         "only folders that you or your sweeps wrote.",
     )
-    resume.add_argument("experiment", metavar="DIR", help="experiment folder (path or URI)")
+    resume.add_argument(
+        "experiment", type=_location, metavar="DIR", help="experiment folder (path or URI)"
+    )
     _add_ray_flags(resume)
 
 
@@ -369,10 +390,10 @@ def _add_analyze(commands) -> None:
         "report.html (self-contained), PNG plots and CSV tables into --out.",
     )
     analyze.add_argument(
-        "experiments", nargs="+", type=Path, metavar="EXPERIMENT_DIR", help="experiment folder"
+        "experiments", nargs="+", type=_path, metavar="EXPERIMENT_DIR", help="experiment folder"
     )
     analyze.add_argument(
-        "--out", type=Path, required=True, help="output folder, created if missing (required)"
+        "--out", type=_path, required=True, help="output folder, created if missing (required)"
     )
     analyze.add_argument(
         "--metric",
@@ -423,7 +444,7 @@ def _add_probe(commands) -> None:
     )
     probe.add_argument(
         "checkpoint",
-        type=Path,
+        type=_path,
         metavar="CHECKPOINT",
         help="a trainer.pt or best.pt file, a Ray checkpoint folder, or the --out folder "
         "of `glo-search train`",
@@ -441,7 +462,7 @@ def _add_probe(commands) -> None:
         help="index of the training image whose content code is used (required)",
     )
     probe.add_argument(
-        "--out", type=Path, default=Path("."), help="output folder (default: current folder)"
+        "--out", type=_path, default=Path("."), help="output folder (default: current folder)"
     )
     probe.add_argument(
         "--scale",
@@ -536,20 +557,27 @@ def _run_sweep(args: argparse.Namespace) -> int:
         reuse_actors=args.reuse_workers,
         verbose=0 if args.quiet else 1,  # Tune's table of trial statuses
     )
-    return _print_summary(grid, args.metric)
+    from glo_search.storage import ExperimentLocation
+
+    return _print_summary(ExperimentLocation.of_result_grid(grid), args.metric)
 
 
 def _run_resume(args: argparse.Namespace) -> int:
-    from glo_search.resume import read_settings, resume
-    from glo_search.storage import open_experiment
+    from glo_search.resume import finished, read_settings, resume
+    from glo_search.storage import ExperimentLocation, open_experiment
 
-    grid = resume(
-        args.experiment,
-        address=args.address,
-        dashboard_host=args.dashboard,
-        verbose=0 if args.quiet else 1,  # as for sweep; Tune would keep the sweep's
-    )
-    return _print_summary(grid, read_settings(open_experiment(args.experiment))["metric"])
+    location = open_experiment(args.experiment)
+    if finished(location):
+        print(f"every trial of the sweep in {location.uri} had finished; nothing to resume")
+    else:
+        grid = resume(
+            args.experiment,
+            address=args.address,
+            dashboard_host=args.dashboard,
+            verbose=0 if args.quiet else 1,  # as for sweep; Tune would keep the sweep's
+        )
+        location = ExperimentLocation.of_result_grid(grid)
+    return _print_summary(location, read_settings(location)["metric"])
 
 
 # Exit status of a sweep that stopped before all its trials finished, as for a shell
@@ -557,7 +585,7 @@ def _run_resume(args: argparse.Namespace) -> int:
 INTERRUPTED_EXIT_STATUS = 130
 
 
-def _print_summary(grid, metric: str) -> int:
+def _print_summary(location, metric: str) -> int:
     """Print the best trials and where the results are, and return the exit status.
 
     A sweep with fewer finished trials than it requested, or with trials still marked
@@ -573,9 +601,7 @@ def _print_summary(grid, metric: str) -> int:
     )
     from glo_search.resume import read_settings
     from glo_search.searcher import STUDY_FILE
-    from glo_search.storage import ExperimentLocation
 
-    location = ExperimentLocation.of_result_grid(grid)
     trials, epochs = read_experiment(location)
     requested = read_settings(location)["num_samples"]
     statuses = trials["status"] if "status" in trials else []
@@ -589,8 +615,9 @@ def _print_summary(grid, metric: str) -> int:
         print(best_trial_summary(trials, epochs, metric))
     print(f"\nexperiment folder: {location.uri}")
     print(f"Optuna study: {location.uri}/{STUDY_FILE}")
-    if grid.errors:
-        print(f"{len(grid.errors)} trial(s) failed; see the error.txt in their trial folders")
+    errors = sum(status == "error" for status in statuses)
+    if errors:
+        print(f"{errors} trial(s) failed; see the error.txt in their trial folders")
     if not interrupted:
         # A sweep in which every trial failed produced nothing to compare.
         all_failed = len(statuses) > 0 and set(statuses) == {"error"}

@@ -63,7 +63,10 @@ class TrainConfig:
     download: bool = _field(False, "let torchvision download MNIST (needs a network)")
     seed: int = _field(0, "seed of code initialization, batch order and metric sampling")
     swap_sources: int = _field(
-        150, "content images used for the cross-class swap metrics", "images"
+        150,
+        "content images used for the cross-class swap metrics (all training images when "
+        "--num-images is smaller)",
+        "images",
     )
     eval_every: int = _field(
         1,

@@ -84,6 +84,29 @@ def _check_result_tables(location: ExperimentLocation) -> None:
             ) from None
 
 
+def finished(experiment: str | Path | ExperimentLocation) -> bool:
+    """Return whether every trial the sweep asked for has a final status (nothing to resume).
+
+    Reads experiment.json and trials.parquet only, without starting Ray. Raises
+    ConfigError, as resume does, for a folder that is not an experiment or whose tables
+    are damaged.
+    """
+    from glo_search.results import FINAL_STATUSES
+
+    location = experiment
+    if not isinstance(location, ExperimentLocation):
+        location = open_experiment(experiment)
+    settings = read_settings(location)
+    _check_result_tables(location)
+    if not location.has_file(TRIALS_FILE):
+        return False
+    statuses = pq.read_table(location.open_input_file(TRIALS_FILE), columns=["status"])
+    statuses = statuses.column("status").to_pylist()
+    return len(statuses) >= settings["num_samples"] and all(
+        status in FINAL_STATUSES for status in statuses
+    )
+
+
 def _check_tune_state(location: ExperimentLocation) -> None:
     listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
     has_state = any(Path(info.path).name.startswith("experiment_state-") for info in listing)

@@ -65,6 +65,7 @@ CASES = [
         "it is a file",
         (("notes.txt", "earlier notes"),),
     ),
+    Case("out-blank", "blank --out", "train --epochs 1 --out ''", "is blank"),
     Case(
         "probe-not-checkpoint",
         "probe of a file that is not a checkpoint",
@@ -260,6 +261,7 @@ CASES = [
     Case(
         "unknown-uri", "storage URI of an unknown scheme", "sweep --storage foo://bar", "foo://bar"
     ),
+    Case("storage-blank", "blank storage folder", "sweep --storage ''", "is blank"),
     Case(
         "negative-retries",
         "negative number of retries",

@@ -34,10 +34,10 @@ from glo_search.results import (
     epoch_row,
     table_bytes,
 )
-from glo_search.resume import _check_classifier, resume
+from glo_search.resume import _check_classifier, finished, resume
 from glo_search.rungs import fill_asha_rungs, resume_epochs
 from glo_search.search import EXPERIMENT_FILE, sweep
-from glo_search.storage import locate
+from glo_search.storage import locate, open_experiment
 
 SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50, "eval_every": 1}
 TUNE_ENVIRONMENT = (
@@ -459,9 +459,8 @@ def test_summary_marks_interrupted_sweep(
     _set_num_samples(copy, num_samples)
     if status is not None:
         _set_status(copy, status)
-    grid = tune.ResultGrid(tune.ExperimentAnalysis(str(copy)))
 
-    assert cli._print_summary(grid, "disentanglement") == exit_status
+    assert cli._print_summary(open_experiment(copy), "disentanglement") == exit_status
 
     output = capsys.readouterr().out
     assert "best 1 of 1 trials" in output
@@ -475,3 +474,33 @@ def test_summary_marks_interrupted_sweep(
         f"sweep interrupted: {finished} of {num_samples} trials finished; "
         f"continue with: glo-search resume {copy}"
     )
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "status", "done"),
+    [(1, None, True), (1, "error", True), (3, None, False), (1, "running", False)],
+)
+def test_finished(space_file_sweep, tmp_path, num_samples, status, done):
+    _, folder = space_file_sweep
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    _set_num_samples(copy, num_samples)
+    if status is not None:
+        _set_status(copy, status)
+
+    assert finished(copy) == done
+
+
+def test_resume_cli_finished_sweep(space_file_sweep, tmp_path, capsys):
+    _, folder = space_file_sweep
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    before = {path.name: path.stat().st_mtime_ns for path in copy.iterdir()}
+
+    assert cli.main(["resume", str(copy)]) == 0
+
+    output = capsys.readouterr().out
+    assert output.startswith(f"every trial of the sweep in {copy} had finished; nothing to resume")
+    assert "best 1 of 1 trials" in output
+    # Ray Tune did not run: it would have rewritten its saved state.
+    assert {path.name: path.stat().st_mtime_ns for path in copy.iterdir()} == before
