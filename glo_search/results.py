@@ -104,8 +104,9 @@ class ResultsWriter(tune.Callback):
             )
             self.flush()
         # NOTE: Tune saves its state after trial checkpoints, not when a trial ends, so a
-        # driver killed just after a trial ended can leave Tune resuming that trial. Its
-        # rows stay as they were recorded; the rerun only costs compute.
+        # driver killed just after a trial ended can leave Tune resuming that trial.
+        # glo_search.resume marks such trials ended in Tune's state first; should Tune run
+        # one again anyway, its rows stay as they were recorded.
         self._finished_before = finished
         # Set here, not in __init__: a resume unpickles the writer that the sweep built,
         # and a folder written by an older version has no such attribute.

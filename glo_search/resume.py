@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import posixpath
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ray import tune
 
 from glo_search import classifier, rungs
 from glo_search.config import ConfigError, from_dict
-from glo_search.results import EPOCHS_FILE, TRIALS_FILE, ResultsWriter
+from glo_search.results import EPOCHS_FILE, FINAL_STATUSES, TRIALS_FILE, ResultsWriter
 from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
 from glo_search.spaces import resolve
 from glo_search.storage import ExperimentLocation, open_experiment
@@ -91,20 +92,58 @@ def finished(experiment: str | Path | ExperimentLocation) -> bool:
     ConfigError, as resume does, for a folder that is not an experiment or whose tables
     are damaged.
     """
-    from glo_search.results import FINAL_STATUSES
-
     location = experiment
     if not isinstance(location, ExperimentLocation):
         location = open_experiment(experiment)
     settings = read_settings(location)
     _check_result_tables(location)
-    if not location.has_file(TRIALS_FILE):
-        return False
-    statuses = pq.read_table(location.open_input_file(TRIALS_FILE), columns=["status"])
-    statuses = statuses.column("status").to_pylist()
+    statuses = _table_statuses(location).values()
     return len(statuses) >= settings["num_samples"] and all(
         status in FINAL_STATUSES for status in statuses
     )
+
+
+def _table_statuses(location: ExperimentLocation) -> dict[str, str]:
+    if not location.has_file(TRIALS_FILE):
+        return {}
+    table = pq.read_table(location.open_input_file(TRIALS_FILE), columns=["trial_id", "status"])
+    return {row["trial_id"]: row["status"] for row in table.to_pylist()}
+
+
+def _settle_finished_trials(location: ExperimentLocation) -> list[str]:
+    """Mark the trials that trials.parquet records as ended as ended in Tune's saved state.
+
+    Tune saves its state after trial checkpoints, not when a trial ends. A driver stopped
+    just after a trial ended leaves that trial unfinished in the state, and
+    Tuner.restore would run it again from its latest checkpoint: past the epoch where
+    ASHA stopped it, while trials.parquet and the Optuna study keep the first run and
+    its checkpoint path names a checkpoint that the rerun deletes.
+
+    Returns the ids of the trials changed in the newest experiment_state file.
+    """
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+
+    statuses = _table_statuses(location)
+    ended = {trial_id for trial_id, status in statuses.items() if status in FINAL_STATUSES}
+    if not ended:
+        return []
+    # NOTE: Ray 2.60's experiment_state file: JSON whose "trial_data" lists, per trial,
+    # [JSON text of the trial's fields, JSON text of its run metadata].
+    newest = _find_newest_experiment_checkpoint(location.path, fs=location.filesystem)
+    name = posixpath.basename(newest)
+    state = json.loads(location.read_bytes(name))
+    settled = []
+    for entry in state["trial_data"]:
+        fields = json.loads(entry[0])
+        trial_id = fields["trial_id"]
+        if trial_id not in ended or fields["status"] in ("TERMINATED", "ERROR"):
+            continue
+        fields["status"] = "ERROR" if statuses[trial_id] == "error" else "TERMINATED"
+        entry[0] = json.dumps(fields, indent=2)
+        settled.append(trial_id)
+    if settled:
+        location.write_bytes(name, json.dumps(state).encode())
+    return settled
 
 
 def _check_tune_state(location: ExperimentLocation) -> None:
@@ -174,6 +213,12 @@ def resume(
         settings["metric"],
         rung_epochs(settings),
     )
+    settled = _settle_finished_trials(location)
+    if settled:
+        logger.info(
+            "trials %s ended after Ray Tune last saved its state; they are kept as ended",
+            ", ".join(settled),
+        )
     try:
         tuner = tune.Tuner.restore(
             location.path,

@@ -491,3 +491,35 @@ def test_resume_cli_finished_sweep(space_file_sweep, tmp_path, capsys):
     assert "best 1 of 1 trials" in output
     # Ray Tune did not run: it would have rewritten its saved state.
     assert {path.name: path.stat().st_mtime_ns for path in copy.iterdir()} == before
+
+
+def _set_tune_status(folder, status: str) -> None:
+    """Set every trial's status in Tune's newest saved state, as a stop before its save."""
+    path = max(folder.glob("experiment_state-*.json"))
+    state = json.loads(path.read_text())
+    for entry in state["trial_data"]:
+        fields = json.loads(entry[0])
+        fields["status"] = status
+        entry[0] = json.dumps(fields)
+    path.write_text(json.dumps(state))
+
+
+def test_resume_keeps_trial_that_ended_after_tune_saved(space_file_sweep, tmp_path, caplog):
+    _, folder = space_file_sweep
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    # The driver stopped after the trial ended and its row was written, before Tune
+    # saved its state again.
+    _set_tune_status(copy, "RUNNING")
+    (trial_dir,) = copy.glob("trial_*")
+    results_before = (trial_dir / "result.json").read_text()
+    row_before = pq.read_table(copy / TRIALS_FILE).to_pylist()
+
+    with caplog.at_level(logging.INFO, logger="glo_search"):
+        grid = resume(copy, verbose=0)
+
+    assert [result.metrics["epoch"] for result in grid] == [1]
+    assert "Tune runs it again" not in caplog.text
+    assert "kept as ended" in caplog.text
+    assert (trial_dir / "result.json").read_text() == results_before
+    assert pq.read_table(copy / TRIALS_FILE).to_pylist() == row_before
