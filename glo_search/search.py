@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -242,18 +243,36 @@ def ensure_ray(
     ``dashboard_host`` names the address to bind it to (``127.0.0.1`` for this machine
     only). A cluster's dashboard is set where the cluster starts (`ray start
     --dashboard-host`).
+
+    ray.init replaces the process's SIGTERM handler with one that aborts with a native
+    stack dump, which would leave no summary and no resume hint when a job scheduler
+    (SLURM, systemd, `docker stop`) stops a sweep. Afterwards SIGTERM acts as Ctrl-C
+    does: Tune ends the sweep and saves its state. A handler set from Python before
+    this call, or SIG_IGN, is put back instead.
     """
     options = ray_init_options(address, num_cpus, dashboard_host)  # checks the request
     if address:
         check_address_reachable(address)
     if ray.is_initialized():
         return
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**options)
     except (ConnectionError, ValueError) as error:
         raise ConfigError(
             f"cannot connect to the Ray cluster at --address {address}: {error}"
         ) from None
+    if threading.current_thread() is threading.main_thread():
+        kept = callable(previous) or previous == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, previous if kept else _interrupt_on_sigterm)
+
+
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """Handle SIGTERM with the current SIGINT handler: Tune's during a run."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 # Seconds to wait for a TCP connection to a cluster's address before giving up.

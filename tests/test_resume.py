@@ -213,7 +213,8 @@ SPACE = {"class_dim": tune.choice([4, 6])}
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_exit_status(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_exit_status(tmp_path, stop):
     ray_dir = short_temp_dir("glo-ray-")
     env = child_env(RAY_TMPDIR=str(ray_dir))
     work = tmp_path / "work"
@@ -231,9 +232,10 @@ def test_interrupted_sweep_exit_status(tmp_path):
     try:
         driver = start(sweep_command, sweep_log, env, cwd=work)
         try:
-            # Interrupt as Ctrl-C does once the first trial has reported a result.
+            # Interrupt as Ctrl-C (or a job scheduler's SIGTERM) does once the first trial
+            # has reported a result.
             wait_for(lambda: list(folder.glob("trial_*/result.json")), 300, "a first result")
-            os.kill(driver.pid, signal.SIGINT)
+            os.kill(driver.pid, stop)
             status = driver.wait(timeout=120)
         finally:
             stop_group(driver)
