@@ -81,6 +81,10 @@ def read_info(folder: str | Path) -> dict[str, Any]:
 def read_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return the (trials, epochs) DataFrames of one experiment folder."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AnalysisError(
+            f"{folder} is a file; pass the experiment folder that `glo-search sweep` printed"
+        )
     if not folder.is_dir():
         raise AnalysisError(f"experiment folder not found: {folder}")
     for name in (TRIALS_FILE, EPOCHS_FILE):
@@ -109,11 +113,20 @@ def load_experiment(folder: str | Path, name: str | None = None) -> Experiment:
 
 
 def load_experiments(paths: str | Path | Iterable[str | Path]) -> list[Experiment]:
-    """Read one or several experiment folders; repeated names get a suffix ``#2``, ``#3``."""
+    """Read one or several distinct experiment folders.
+
+    Folders that share a name (copies of one sweep, or sweeps named alike in different
+    places) get a suffix: ``#2``, ``#3``.
+    """
     experiments: list[Experiment] = []
     seen: dict[str, int] = {}
+    folders: set[Path] = set()
     for path in _as_paths(paths):
         experiment = load_experiment(path)
+        if experiment.folder in folders:
+            # Its trials would count twice in every table, correlation and plot.
+            raise AnalysisError(f"experiment folder {experiment.folder} is given twice")
+        folders.add(experiment.folder)
         count = seen.get(experiment.name, 0) + 1
         seen[experiment.name] = count
         if count > 1:

@@ -474,6 +474,11 @@ class Split:
                 f"table does not have; use a hyperparameter such as {', '.join(SEARCHED)}"
             )
         values = trials[self.column]
+        if isinstance(self.value, str) and pd.api.types.is_numeric_dtype(values):
+            raise ValueError(
+                f"invalid split {self.label!r}: {self.column} holds numbers and "
+                f"{self.value!r} is not a number"
+            )
         if isinstance(self.value, float):
             values = pd.to_numeric(values, errors="coerce")
         inside = OPERATORS[self.op](values, self.value).fillna(False).astype(bool)

@@ -492,12 +492,29 @@ def test_study_missing_gives_none(synthetic_experiment, tmp_path):
         (["--split", "lambda"], "invalid split 'lambda'"),
         (["--split", "lambda > 0"], "column 'lambda'"),
         (["--top", "0"], "invalid top=0"),
+        (["--split", "class_dim > abc"], "class_dim holds numbers and 'abc' is not a number"),
+        (["--split", "noise_std == 1e-9x"], "'1e-9x' is not a number"),
     ],
 )
 def test_analyze_cli_rejects(synthetic_experiment, tmp_path, capsys, args, message):
     code = main(["-q", "analyze", str(synthetic_experiment), "--out", str(tmp_path), *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_analyze_rejects_folder_given_twice(synthetic_experiment, tmp_path, capsys):
+    same = synthetic_experiment.parent / ".." / synthetic_experiment.parent.name
+    folders = [str(synthetic_experiment), str(same / synthetic_experiment.name)]
+    assert main(["-q", "analyze", *folders, "--out", str(tmp_path / "out")]) == 2
+    assert f"{synthetic_experiment.resolve()} is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_analyze_rejects_file(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an experiment")
+    assert main(["-q", "analyze", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert f"{path} is a file" in capsys.readouterr().err
 
 
 def test_analyze_cli_writes_report_without_ray(synthetic_experiment, tmp_path):
