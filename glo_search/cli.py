@@ -446,8 +446,9 @@ def _add_probe(commands) -> None:
         "checkpoint",
         type=_path,
         metavar="CHECKPOINT",
-        help="a trainer.pt or best.pt file, a Ray checkpoint folder, or the --out folder "
-        "of `glo-search train`",
+        help="a trainer.pt or best.pt file, a Ray checkpoint folder, the --out folder "
+        "of `glo-search train`, a sweep's trial folder (its best checkpoint) or a sweep's "
+        "experiment folder (the best trial's best checkpoint)",
     )
     probe.add_argument(
         "--class-label",
@@ -468,7 +469,7 @@ def _add_probe(commands) -> None:
         "--scale",
         type=int,
         default=4,
-        help="enlargement factor of the PNG files, 1 for 28-pixel digits (default: 4)",
+        help="enlargement factor of the PNG files, 1 for 28-pixel digits, at most 32 (default: 4)",
     )
     probe.add_argument(
         "--device",
@@ -635,7 +636,8 @@ def _run_probe(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _check_out_folder(args.out, must_be_empty=False)
     try:
-        trainer = probes.load_for_probes(args.checkpoint, args.device)
+        checkpoint = probes.checkpoint_file(args.checkpoint)
+        trainer = probes.load_for_probes(checkpoint, args.device)
         paths = probes.write_probe(
             trainer, args.class_label, args.content_index, args.out, args.scale
         )
@@ -645,7 +647,7 @@ def _run_probe(args: argparse.Namespace) -> int:
     source_label = int(trainer.dataset.labels[args.content_index])
     print(
         f"content of image {args.content_index} (label {source_label}) as class "
-        f"{args.class_label}, checkpoint of epoch {trainer.epoch}"
+        f"{args.class_label}, checkpoint of epoch {trainer.epoch} ({checkpoint})"
     )
     for path in paths:
         print(f"wrote {path}")

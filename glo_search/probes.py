@@ -35,6 +35,8 @@ ROW_GAP = 2  # pixels between probe rows
 GROUP_GAP = 6  # pixels between the criteria's groups of rows
 GAP_VALUE = 0.5  # grey, so gaps stand out from the black digit background
 MAP_SCALE = 2  # each 14x14 activation map is drawn at 28x28
+# The largest enlargement: 32 makes the triplet 2,688 x 896 pixels.
+MAX_SCALE = 32
 MAP_COLUMNS = 4
 
 
@@ -242,23 +244,66 @@ class ProbeError(ValueError):
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """Return the checkpoint file at ``path``, or inside the folder ``path``.
+    """Return the checkpoint file at ``path``, or the one that the folder ``path`` names.
 
-    A folder may be a Ray checkpoint folder (``trainer.pt``) or the output folder of
-    ``glo-search train`` (``best.pt``).
+    A folder may be a Ray checkpoint folder (``trainer.pt``), the output folder of
+    ``glo-search train`` (``best.pt``), a sweep's trial folder (its best checkpoint, as
+    trials.parquet records it) or a sweep's experiment folder (the best checkpoint of
+    its best trial by the sweep's metric).
     """
+    from glo_search.results import TRIALS_FILE
     from glo_search.single import BEST_CHECKPOINT
     from glo_search.trainer import CHECKPOINT_FILE
 
     path = Path(path)
     if path.is_file():
         return path
-    if path.is_dir():
-        for name in (CHECKPOINT_FILE, BEST_CHECKPOINT):
-            if (path / name).is_file():
-                return path / name
-        raise ProbeError(f"no {CHECKPOINT_FILE} or {BEST_CHECKPOINT} in folder {path}")
-    raise ProbeError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise ProbeError(f"checkpoint not found: {path}")
+    for name in (CHECKPOINT_FILE, BEST_CHECKPOINT):
+        if (path / name).is_file():
+            return path / name
+    if (path / TRIALS_FILE).is_file():
+        return _recorded_checkpoint(path, None) / CHECKPOINT_FILE
+    if (path.parent / TRIALS_FILE).is_file():
+        return _recorded_checkpoint(path.parent, path.name) / CHECKPOINT_FILE
+    raise ProbeError(
+        f"no {CHECKPOINT_FILE} or {BEST_CHECKPOINT} in folder {path}; pass a checkpoint "
+        "file, a checkpoint folder, or the folder of a train run, a sweep or a trial"
+    )
+
+
+def _recorded_checkpoint(experiment: Path, trial_dir: str | None) -> Path:
+    """Return the best checkpoint folder of a trial, or of the sweep's best trial."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from glo_search.metrics import METRICS
+    from glo_search.results import TRIALS_FILE
+    from glo_search.search import EXPERIMENT_FILE
+
+    rows = pq.read_table(experiment / TRIALS_FILE).to_pylist()
+    if trial_dir is not None:
+        rows = [row for row in rows if row.get("trial_dir") == trial_dir]
+        if not rows:
+            raise ProbeError(f"{experiment / trial_dir} is not a trial of {experiment}")
+        source = f"trial folder {experiment / trial_dir}"
+    else:
+        metric = json.loads((experiment / EXPERIMENT_FILE).read_text())["metric"]
+        rows = [row for row in rows if row["status"] != "diverged"]
+        rows = [row for row in rows if row.get(f"best_{metric}") is not None]
+        rows.sort(key=lambda row: row[f"best_{metric}"], reverse=METRICS[metric].mode == "max")
+        source = f"experiment folder {experiment}"
+    rows = [row for row in rows if row.get("checkpoint_path")]
+    if not rows:
+        raise ProbeError(f"trials.parquet names no checkpoint for the {source}")
+    folder = experiment / rows[0]["checkpoint_path"]
+    if not folder.is_dir():
+        raise ProbeError(
+            f"the checkpoint that trials.parquet names for the {source}, {folder}, is missing"
+        )
+    return folder
 
 
 def load_for_probes(path: str | Path, device: str = "cpu") -> Trainer:
@@ -302,8 +347,8 @@ def write_probe(
     Returns the two paths; both images are enlarged ``scale`` times.
     """
     dataset = trainer.dataset
-    if scale < 1:
-        raise ProbeError(f"invalid scale {scale}: must be a whole number >= 1")
+    if not 1 <= scale <= MAX_SCALE:
+        raise ProbeError(f"invalid scale {scale}: must be a whole number from 1 to {MAX_SCALE}")
     if not 0 <= class_label < dataset.num_classes:
         raise ProbeError(
             f"invalid class label {class_label}: must be in 0..{dataset.num_classes - 1}"

@@ -263,8 +263,8 @@ def ensure_ray(
             f"cannot connect to the Ray cluster at --address {address}: {error}"
         ) from None
     if threading.current_thread() is threading.main_thread():
-        kept = callable(previous) or previous == signal.SIG_IGN
-        signal.signal(signal.SIGTERM, previous if kept else _interrupt_on_sigterm)
+        keep_previous = callable(previous) or previous == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, previous if keep_previous else _interrupt_on_sigterm)
 
 
 def _interrupt_on_sigterm(signum: int, frame: Any) -> None:

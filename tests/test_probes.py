@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +14,12 @@ from glo_search.data import Dataset
 from glo_search.metrics import style_attributes
 from glo_search.probes import (
     CRITERIA,
+    MAX_SCALE,
     PROBES_PER_CRITERION,
     ProbeError,
     activation_grid,
     activation_maps,
+    checkpoint_file,
     class_representatives,
     dataset_probes,
     probe_images,
@@ -22,6 +27,7 @@ from glo_search.probes import (
     select_probes,
     write_probe,
 )
+from glo_search.results import TRIALS_FILE, table_bytes
 from glo_search.single import train_run
 from glo_search.tensorboard import TrainingLog
 from glo_search.trainer import Trainer
@@ -167,9 +173,11 @@ def test_write_probe_rejects_class_label(trainer, tmp_path):
         write_probe(trainer, 10, 0, tmp_path)
 
 
-def test_write_probe_rejects_scale(trainer, tmp_path):
-    with pytest.raises(ProbeError, match="invalid scale 0"):
-        write_probe(trainer, 2, 0, tmp_path, scale=0)
+@pytest.mark.parametrize("scale", [0, MAX_SCALE + 1])
+def test_write_probe_rejects_scale(trainer, tmp_path, scale):
+    with pytest.raises(ProbeError, match=f"invalid scale {scale}"):
+        write_probe(trainer, 2, 0, tmp_path / "out", scale=scale)
+    assert not (tmp_path / "out").exists()
 
 
 def test_write_probe_rejects_content_index(trainer, tmp_path):
@@ -220,3 +228,69 @@ def test_probe_command_class_label_out_of_range(train_out, capsys):
     argv = ["probe", str(train_out), "--class-label", "-1", "--content-index", "1"]
     assert cli.main(argv) == 2
     assert "invalid class label -1" in capsys.readouterr().err
+
+
+@pytest.fixture
+def sweep_folder(train_out, tmp_path):
+    """An experiment folder as a sweep leaves it, with train_out's checkpoint in each trial."""
+    folder = tmp_path / "exp"
+    rows = []
+    for trial, status, best, checkpoint in (
+        ("a", "completed", 0.2, "checkpoint_000000"),
+        ("b", "stopped", 0.6, "checkpoint_000002"),
+        ("c", "diverged", 0.9, "checkpoint_000001"),  # placeholder values, not the best
+        ("d", "error", None, None),
+    ):
+        if checkpoint:
+            (folder / f"trial_{trial}" / checkpoint).mkdir(parents=True)
+            shutil.copy(
+                train_out / "best.pt", folder / f"trial_{trial}" / checkpoint / "trainer.pt"
+            )
+        path = f"trial_{trial}/{checkpoint}" if checkpoint else None
+        rows.append(
+            {
+                "trial_id": trial,
+                "status": status,
+                "trial_dir": f"trial_{trial}",
+                "best_disentanglement": best,
+                "checkpoint_path": path,
+            }
+        )
+    (folder / TRIALS_FILE).write_bytes(table_bytes(rows))
+    (folder / "experiment.json").write_text(json.dumps({"metric": "disentanglement"}))
+    return folder
+
+
+def test_checkpoint_of_sweep_folders(sweep_folder):
+    best = sweep_folder / "trial_b" / "checkpoint_000002" / "trainer.pt"
+    assert checkpoint_file(sweep_folder) == best
+    assert checkpoint_file(sweep_folder / "trial_b") == best
+    assert checkpoint_file(sweep_folder / "trial_a") == (
+        sweep_folder / "trial_a" / "checkpoint_000000" / "trainer.pt"
+    )
+
+
+def test_probe_command_on_experiment_folder(sweep_folder, tmp_path, capsys):
+    argv = ["probe", str(sweep_folder), "--class-label", "2", "--content-index", "3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert "trial_b/checkpoint_000002/trainer.pt" in capsys.readouterr().out
+    assert (tmp_path / "out" / "probe_class2_content3.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("trial", "message"),
+    [
+        ("d", "names no checkpoint for the trial folder"),
+        ("e", "is not a trial of"),
+    ],
+)
+def test_checkpoint_of_trial_without_one(sweep_folder, trial, message):
+    (sweep_folder / f"trial_{trial}").mkdir(exist_ok=True)
+    with pytest.raises(ProbeError, match=message):
+        checkpoint_file(sweep_folder / f"trial_{trial}")
+
+
+def test_checkpoint_of_sweep_that_lost_it(sweep_folder):
+    shutil.rmtree(sweep_folder / "trial_b" / "checkpoint_000002")
+    with pytest.raises(ProbeError, match="checkpoint_000002, is missing"):
+        checkpoint_file(sweep_folder)
