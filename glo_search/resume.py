@@ -26,7 +26,7 @@ from glo_search.config import ConfigError, from_dict
 from glo_search.results import EPOCHS_FILE, FINAL_STATUSES, TRIALS_FILE, ResultsWriter
 from glo_search.searcher import GloOptunaSearch, RelocatableSearchGenerator, base_searcher
 from glo_search.spaces import resolve
-from glo_search.storage import ExperimentLocation, open_experiment
+from glo_search.storage import ExperimentLocation, driver_lock, open_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -202,54 +202,56 @@ def resume(
     param_space = _param_space(settings, space, base)
     classifier_state = classifier.load_state()
     _check_classifier(settings)
-    ensure_ray(address, dashboard_host=dashboard_host)
-    configure_tune_environment()
+    # Before Ray starts, so that a second driver learns at once that it must wait.
+    with driver_lock(location):
+        ensure_ray(address, dashboard_host=dashboard_host)
+        configure_tune_environment()
 
-    trainable = make_trainable(
-        base.to_dict(),
-        classifier_state,
-        settings["cpus_per_trial"],
-        settings["gpus_per_trial"],
-        settings["metric"],
-        rung_epochs(settings),
-    )
-    settled = _settle_finished_trials(location)
-    if settled:
-        logger.info(
-            "trials %s ended after Ray Tune last saved its state; they are kept as ended",
-            ", ".join(settled),
+        trainable = make_trainable(
+            base.to_dict(),
+            classifier_state,
+            settings["cpus_per_trial"],
+            settings["gpus_per_trial"],
+            settings["metric"],
+            rung_epochs(settings),
         )
-    try:
-        tuner = tune.Tuner.restore(
-            location.path,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=False,
-            param_space=param_space,
-            storage_filesystem=None if location.is_local else location.filesystem,
+        settled = _settle_finished_trials(location)
+        if settled:
+            logger.info(
+                "trials %s ended after Ray Tune last saved its state; they are kept as ended",
+                ", ".join(settled),
+            )
+        try:
+            tuner = tune.Tuner.restore(
+                location.path,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+                param_space=param_space,
+                storage_filesystem=None if location.is_local else location.filesystem,
+            )
+        except (pickle.UnpicklingError, EOFError) as error:
+            raise ConfigError(
+                f"cannot resume {location.uri}: Ray Tune's saved state ({TUNER_FILE}) is "
+                f"damaged ({type(error).__name__}: {error}); restore it from a copy"
+            ) from None
+        if verbose is not None:
+            tuner._local_tuner.get_run_config().verbose = verbose
+        searcher = _relocate(tuner, location)
+        rungs.refill(
+            _restored_scheduler(tuner),
+            location,
+            _restored_trials(tuner),
+            settings["metric"],
+            settings["mode"],
         )
-    except (pickle.UnpicklingError, EOFError) as error:
-        raise ConfigError(
-            f"cannot resume {location.uri}: Ray Tune's saved state ({TUNER_FILE}) is "
-            f"damaged ({type(error).__name__}: {error}); restore it from a copy"
-        ) from None
-    if verbose is not None:
-        tuner._local_tuner.get_run_config().verbose = verbose
-    searcher = _relocate(tuner, location)
-    rungs.refill(
-        _restored_scheduler(tuner),
-        location,
-        _restored_trials(tuner),
-        settings["metric"],
-        settings["mode"],
-    )
-    logger.info("resuming the sweep in %s", location.uri)
-    try:
-        return tuner.fit()
-    finally:
-        if searcher is not None:
-            searcher.sync_mirror()
+        logger.info("resuming the sweep in %s", location.uri)
+        try:
+            return tuner.fit()
+        finally:
+            if searcher is not None:
+                searcher.sync_mirror()
 
 
 def _param_space(settings: dict[str, Any], space: Any, base) -> dict | None:

@@ -49,7 +49,7 @@ from glo_search.searcher import (
     rehearse_study,
 )
 from glo_search.spaces import ResolvedSpace, resolve
-from glo_search.storage import ExperimentLocation, locate, sqlite_url
+from glo_search.storage import ExperimentLocation, driver_lock, locate, sqlite_url
 from glo_search.trainable import train_glo
 from glo_search.warm import preload_system_config
 
@@ -464,51 +464,52 @@ def sweep(
     classifier_state = classifier.load_state()
 
     location.create()
-    try:
-        ensure_ray(address, dashboard_host=dashboard_host)
-        configure_tune_environment()
-        study_preparation.join()
-        tuner, search_alg = _build_tuner(
-            location=location,
-            resolved=resolved,
-            metric=metric,
-            mode=mode,
-            base=base,
-            search_alg=search_alg,
-            scheduler=scheduler,
-            settings={
-                "name": name,
-                "storage": str(storage),
-                "metric": metric,
-                "mode": mode,
-                "space": resolved.name if resolved else None,
-                "space_kind": resolved.kind if resolved else None,
-                "space_source": space_source(space),
-                "num_samples": num_samples,
-                "max_epochs": max_epochs,
-                "seed": seed,
-                "sampler": sampler,
-                "grace_period": grace_period,
-                "reduction_factor": reduction_factor,
-                "max_failures": max_failures,
-                "points": warm_start,
-                "cpus_per_trial": cpus_per_trial,
-                "gpus_per_trial": gpus_per_trial,
-            },
-            classifier_state=classifier_state,
-            max_concurrent=max_concurrent,
-            callbacks=callbacks,
-            verbose=verbose,
-            reuse_actors=reuse_actors,
-            eval_every_given=_sets_eval_every(base_config),
-        )
-    except BaseException:
-        location.remove()  # nothing ran yet: leave no folder that resume would trip on
-        raise
-    try:
-        return tuner.fit()
-    finally:
-        _copy_study(search_alg, location)
+    with driver_lock(location):
+        try:
+            ensure_ray(address, dashboard_host=dashboard_host)
+            configure_tune_environment()
+            study_preparation.join()
+            tuner, search_alg = _build_tuner(
+                location=location,
+                resolved=resolved,
+                metric=metric,
+                mode=mode,
+                base=base,
+                search_alg=search_alg,
+                scheduler=scheduler,
+                settings={
+                    "name": name,
+                    "storage": str(storage),
+                    "metric": metric,
+                    "mode": mode,
+                    "space": resolved.name if resolved else None,
+                    "space_kind": resolved.kind if resolved else None,
+                    "space_source": space_source(space),
+                    "num_samples": num_samples,
+                    "max_epochs": max_epochs,
+                    "seed": seed,
+                    "sampler": sampler,
+                    "grace_period": grace_period,
+                    "reduction_factor": reduction_factor,
+                    "max_failures": max_failures,
+                    "points": warm_start,
+                    "cpus_per_trial": cpus_per_trial,
+                    "gpus_per_trial": gpus_per_trial,
+                },
+                classifier_state=classifier_state,
+                max_concurrent=max_concurrent,
+                callbacks=callbacks,
+                verbose=verbose,
+                reuse_actors=reuse_actors,
+                eval_every_given=_sets_eval_every(base_config),
+            )
+        except BaseException:
+            location.remove()  # nothing ran yet: leave no folder that resume would trip on
+            raise
+        try:
+            return tuner.fit()
+        finally:
+            _copy_study(search_alg, location)
 
 
 def _start_study_preparation() -> threading.Thread:

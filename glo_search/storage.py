@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows, where the lock below is skipped
+    fcntl = None
 
 import pyarrow.fs as pafs
 
@@ -167,3 +175,40 @@ def sqlite_path(url: str) -> Path:
     from sqlalchemy.engine import make_url
 
     return Path(make_url(url).database)
+
+
+# Held by the process that runs a sweep or a resume in a local experiment folder.
+LOCK_FILE = ".glo-search.lock"
+
+
+@contextmanager
+def driver_lock(location: ExperimentLocation) -> Iterator[None]:
+    """Hold an exclusive lock on a local experiment folder while a sweep runs in it.
+
+    Two drivers in one folder (a resume started while the sweep still runs) would each
+    run the same trials and delete each other's checkpoints. The lock is an flock on
+    LOCK_FILE, which the system releases when the process ends, however it ends. The
+    file keeps the holder's process id for the message. Folders on object stores are
+    not locked.
+    """
+    if fcntl is None or not location.is_local:
+        yield
+        return
+    with open(Path(location.path) / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(
+                f"another glo-search process (pid {holder}) is running the sweep in "
+                f"{location.uri}; wait for it to end, or stop it (Ctrl-C) and resume then"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

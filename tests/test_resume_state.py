@@ -25,6 +25,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from glo_search import classifier, cli
+from glo_search.config import ConfigError
 from glo_search.metrics import METRICS
 from glo_search.results import (
     EPOCHS_FILE,
@@ -37,7 +38,7 @@ from glo_search.results import (
 from glo_search.resume import _check_classifier, finished, resume
 from glo_search.rungs import fill_asha_rungs, resume_epochs
 from glo_search.search import EXPERIMENT_FILE, sweep
-from glo_search.storage import locate, open_experiment
+from glo_search.storage import driver_lock, locate, open_experiment
 
 SMALL = {"num_images": 100, "swap_sources": 20, "batch_size": 50, "eval_every": 1}
 TUNE_ENVIRONMENT = (
@@ -523,3 +524,21 @@ def test_resume_keeps_trial_that_ended_after_tune_saved(space_file_sweep, tmp_pa
     assert "kept as ended" in caplog.text
     assert (trial_dir / "result.json").read_text() == results_before
     assert pq.read_table(copy / TRIALS_FILE).to_pylist() == row_before
+
+
+def test_resume_refused_while_sweep_runs(space_file_sweep, tmp_path):
+    _, folder = space_file_sweep
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    _set_status(copy, "running")
+    state_before = {path.name: path.read_bytes() for path in copy.glob("experiment_state-*")}
+
+    with driver_lock(open_experiment(copy)):  # as the sweep's driver holds it
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}\\) is running the sweep in"):
+            resume(copy, verbose=0)
+        assert cli.main(["resume", str(copy)]) == 2
+
+    assert {path.name: path.read_bytes() for path in copy.glob("experiment_state-*")} == (
+        state_before
+    )
+    resume(copy, verbose=0)  # the lock ends with its holder
