@@ -426,7 +426,7 @@ def _build_section(build, context: Context) -> Section:
         title = build.__name__.removesuffix("_section")
         section = Section(title, title, "")
         section.blocks.append(_note(f"this section could not be built: {error}"))
-    logger.info("%s: %.2f s", build.__name__, time.perf_counter() - started)
+    logger.debug("%s: %.2f s", build.__name__, time.perf_counter() - started)
     return section
 
 

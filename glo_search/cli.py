@@ -90,6 +90,10 @@ def _metric_help() -> str:
     return f"metric to optimize, one of {', '.join(METRICS)} (default: disentanglement)"
 
 
+# Commands whose -q also hides Ray Tune's console output.
+TUNE_COMMANDS = ("sweep", "resume")
+
+
 def _subcommand(commands, name: str, **options) -> argparse.ArgumentParser:
     """Add a subcommand that also takes -q after its name."""
     quiet = argparse.ArgumentParser(add_help=False)
@@ -100,7 +104,9 @@ def _subcommand(commands, name: str, **options) -> argparse.ArgumentParser:
         "--quiet",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="log warnings and errors only, and a sweep prints no trial table (default: off)",
+        help="log warnings and errors only"
+        + (", and show no Ray Tune table" if name in TUNE_COMMANDS else "")
+        + " (default: off)",
     )
     return commands.add_parser(name, parents=[quiet], **options)
 
@@ -115,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-q",
         "--quiet",
         action="store_true",
-        help="log warnings and errors only, and a sweep prints no trial table (default: off)",
+        help="log warnings and errors only, and sweep and resume show no Ray Tune table "
+        "(default: off)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -690,9 +697,18 @@ COMMANDS = {
 }
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # The top-level parser would print its own usage, which lists no options of
+        # the command that was given.
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

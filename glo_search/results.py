@@ -404,7 +404,10 @@ def best_trials_table(trials, metric: str, top: int = 5) -> str:
 
 
 def best_trial_summary(trials, epochs, metric: str) -> str:
-    """Summarize the best trial in one line: its best metric and how far recon_error fell."""
+    """Summarize the best trial in one line: its best metric and how far recon_error fell.
+
+    For a sweep that minimizes recon_error itself, the line follows disentanglement.
+    """
     column = f"best_{metric}"
     finished = trials.dropna(subset=[column])
     if finished.empty:
@@ -414,8 +417,9 @@ def best_trial_summary(trials, epochs, metric: str) -> str:
     rows = epochs[epochs["trial_id"] == best["trial_id"]].sort_values("epoch")
     best_row = rows[rows["epoch"] == best["best_epoch"]].iloc[0]
     first = rows.iloc[0]
+    other = "disentanglement" if metric == "recon_error" else "recon_error"
     return (
         f"best trial {best['trial_id']}: {metric}={best[column]:.4f} at epoch "
-        f"{int(best['best_epoch'])}; recon_error {best_row['recon_error']:.4f} there, "
-        f"{first['recon_error']:.4f} at epoch {int(first['epoch'])}, the first evaluated"
+        f"{int(best['best_epoch'])}; {other} {best_row[other]:.4f} there, "
+        f"{first[other]:.4f} at epoch {int(first['epoch'])}, the first evaluated"
     )

@@ -192,6 +192,7 @@ def resume(
         ensure_ray,
         make_trainable,
         rung_epochs,
+        tune_output,
     )
 
     location = open_experiment(experiment)
@@ -248,7 +249,8 @@ def resume(
         )
         logger.info("resuming the sweep in %s", location.uri)
         try:
-            return tuner.fit()
+            with tune_output(verbose):
+                return tuner.fit()
         finally:
             if searcher is not None:
                 searcher.sync_mirror()

@@ -18,7 +18,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,28 @@ def ensure_ray(
         signal.signal(signal.SIGTERM, previous if keep_previous else _interrupt_on_sigterm)
 
 
+@contextmanager
+def tune_output(verbose: int | None) -> Iterator[None]:
+    """Run Tune with its older console reporter when ``verbose`` is 0.
+
+    The newer reporter (Ray 2.60) prints a box of the experiment's settings and the
+    folder's path even at verbosity 0, which -q is meant to hide. The older one prints
+    nothing at that level.
+    """
+    if verbose != 0:
+        yield
+        return
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
 def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
     """Handle SIGTERM with the current SIGINT handler: Tune's during a run."""
     handler = signal.getsignal(signal.SIGINT)
@@ -507,7 +530,8 @@ def sweep(
             location.remove()  # nothing ran yet: leave no folder that resume would trip on
             raise
         try:
-            return tuner.fit()
+            with tune_output(verbose):
+                return tuner.fit()
         finally:
             _copy_study(search_alg, location)
 

@@ -154,3 +154,12 @@ def test_sweep_command_prints_best_trials(ray_session, tmp_path, capsys):
     assert f"experiment folder: {tmp_path / 'cli'}" in output
     assert "TERMINATED" not in output  # -q hides Tune's table of trial statuses
     assert (tmp_path / "cli" / "trials.parquet").is_file()
+
+
+def test_unknown_option_shows_the_command_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["resume", "somewhere", "--num-samples", "8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: glo-search resume")
+    assert "glo-search resume: error: unrecognized arguments: --num-samples 8" in err

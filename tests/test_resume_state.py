@@ -415,8 +415,10 @@ def test_resume_verbosity(space_file_sweep, tmp_path, monkeypatch, capsys, verbo
 
     resume(copy, verbose=verbose)
 
-    shown = "TERMINATED" in capsys.readouterr().out  # Tune's table of trial statuses
-    assert shown == bool(verbose)
+    output = capsys.readouterr().out
+    assert ("TERMINATED" in output) == bool(verbose)  # Tune's table of trial statuses
+    assert ("Configuration for experiment" in output) == bool(verbose)  # and its settings
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ  # set for the run only
 
 
 def test_resume_sets_tune_environment(space_file_sweep, tmp_path, monkeypatch):
