@@ -589,6 +589,30 @@ def configure_tune_environment() -> None:
     # Keeping only the best checkpoint makes Tune snapshot its state at every checkpoint
     # and warn each time. The snapshot is small, so the warning is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+        tune_logger = logging.getLogger(name)
+        if not any(isinstance(f, MisleadingTuneLines) for f in tune_logger.filters):
+            tune_logger.addFilter(MisleadingTuneLines())
+
+
+class MisleadingTuneLines(logging.Filter):
+    """Drop two lines that Ray Tune (2.60) logs when a sweep is interrupted.
+
+    One tells the user to resume with Tuner.restore, which would skip what
+    glo_search.resume does (rebuilding the trainable, refilling the ASHA rungs, pointing
+    the study at a moved folder); the summary prints `glo-search resume` instead. The
+    other reports a FileNotFoundError for each trial stopped before its first result,
+    which has no results to lose. Its other errors are kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Experiment has been interrupted"):
+            return False
+        if message.startswith("Failed to fetch metrics"):
+            failures = message.splitlines()[1:]
+            return not all("FileNotFoundError" in line for line in failures)
+        return True
 
 
 def _check_data(base: TrainConfig) -> None:

@@ -244,6 +244,7 @@ def test_interrupted_sweep_exit_status(tmp_path, stop):
         assert "partial results" in output
         assert "sweep interrupted: " in output
         assert f"of 3 trials finished; continue with: glo-search resume {folder}" in output
+        assert "Tuner.restore" not in output  # Tune's own hint would skip glo-search's resume
 
         resume = [str(BIN / "glo-search"), "resume", str(folder)]
         assert run(resume, resume_log, env, timeout=400) == 0, resume_log.read_text()[-3000:]

@@ -1,6 +1,7 @@
 """Real sweeps through Ray Tune, OptunaSearch and ASHA on a few hundred digits."""
 
 import json
+import logging
 import sqlite3
 from contextlib import closing
 
@@ -12,7 +13,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from glo_search.config import ConfigError
 from glo_search.metrics import METRICS
-from glo_search.search import _check_name, make_scheduler, sweep
+from glo_search.search import _check_name, configure_tune_environment, make_scheduler, sweep
 
 SMALL = {"num_images": 300, "swap_sources": 60, "eval_every": 1}
 
@@ -300,3 +301,25 @@ def test_sweep_rejects_bad_names(name, problem, tmp_path):
 
 def test_sweep_name_of_255_bytes_is_valid():
     _check_name("é" * 127 + "n")
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("Experiment has been interrupted, but the most recent state was saved.", False),
+        ("Failed to fetch metrics for 1 trial(s):\n- t1: FileNotFoundError('no results')", False),
+        (
+            "Failed to fetch metrics for 2 trial(s):\n- t1: FileNotFoundError('no results')\n"
+            "- t2: JSONDecodeError('damaged')",
+            True,
+        ),
+        ("Trial t1 completed after 2 iterations", True),
+    ],
+)
+def test_misleading_tune_lines_dropped(message, shown):
+    configure_tune_environment()
+    tune_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    record = tune_logger.makeRecord(
+        tune_logger.name, logging.WARNING, __file__, 1, message, (), None
+    )
+    assert tune_logger.filter(record) == shown
