@@ -50,7 +50,7 @@ def _empty(message: str) -> Figure:
 
 def plot_importances(importances: pd.DataFrame, metric: str) -> Figure:
     """Plot horizontal bars of each parameter's importance, one bar per evaluator."""
-    evaluators = [c for c in importances.columns if c not in ("parameter", "completed_trials")]
+    evaluators = [c for c in importances.columns if c not in ("parameter", "scored_trials")]
     if importances.empty:
         return _empty("no parameter importances: the study has no completed trials")
     figure = Figure(figsize=(6.5, 0.5 + 0.45 * len(importances) * max(1, len(evaluators)) / 1.5))

@@ -187,8 +187,8 @@ def importance_section(context: Context) -> Section:
             section.blocks.append(_note(f"{experiment.name}: no parameter importances, {gap}"))
             continue
         importances = tables.param_importances(scored)
-        completed = int(importances["completed_trials"].max()) if len(importances) else 0
-        caption = f"{experiment.name}: {completed} trials scored"
+        scored_count = int(importances["scored_trials"].max()) if len(importances) else 0
+        caption = f"{experiment.name}: {scored_count} trials scored"
         section.blocks.append(context.files.table(f"importance{suffix}", importances, caption))
         figure = plots.plot_importances(importances, experiment.metric)
         section.blocks.append(context.files.figure(f"importance{suffix}", figure))

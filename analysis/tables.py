@@ -176,7 +176,7 @@ def param_importances(
     params present in every completed trial. Importances of each evaluator sum to 1; a
     param an evaluator does not score is NaN. The target is the value each trial has in
     the study: for a study written by Ray's OptunaSearch, the sweep's metric at the
-    trial's last reported epoch. The ``completed_trials`` column gives the number of
+    trial's last reported epoch. The ``scored_trials`` column gives the number of
     COMPLETE trials the evaluators saw: with few of them the importances are noise.
     """
     import optuna
@@ -203,7 +203,7 @@ def param_importances(
     table.index.name = "parameter"
     table = table.sort_values(list(evaluators)[0], ascending=False).reset_index()
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    table["completed_trials"] = len(completed)
+    table["scored_trials"] = len(completed)
     return table
 
 

@@ -126,7 +126,7 @@ def test_importance_finds_the_only_parameter(evaluator, important):
     assert result.loc[important, evaluator] > 0.9
     assert result[evaluator].sum() == pytest.approx(1.0)
     assert result.index[0] == important
-    assert (result["completed_trials"] == 80).all()
+    assert (result["scored_trials"] == 80).all()
 
 
 def test_importance_conditional_parameter():
@@ -150,7 +150,7 @@ def test_importance_of_equal_values_is_nan():
     study = make_study(objective, trials=3)
     result = tables.param_importances(study).set_index("parameter")
     assert result["fanova"].isna().all()
-    assert (result["completed_trials"] == 3).all()
+    assert (result["scored_trials"] == 3).all()
     # The report shows this reason in place of the table.
     assert tables.importance_gap(study, "disentanglement") == (
         "all 3 scored trials have disentanglement = 0"

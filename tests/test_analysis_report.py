@@ -129,7 +129,7 @@ def test_importance_scores_every_finished_trial(report, small_experiment, parque
     trials, _ = parquet
     table = pd.read_csv(report.parent / "importance.csv")
     # Pruned trials count with their best value from trials.parquet.
-    assert (table["completed_trials"] == len(finished)).all()
+    assert (table["scored_trials"] == len(finished)).all()
     assert len(finished) == len(trials)
     assert {"class_dim", "content_dim", "noise_std"} <= set(table["parameter"])
     assert table["ped_anova"].sum() == pytest.approx(1.0)
