@@ -27,6 +27,9 @@ from glo_search.metrics import METRICS
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
+# The names of the files a report wrote, one per line, so that the next report into the
+# same folder can remove those it does not write again.
+MANIFEST_FILE = ".glo-search-report"
 LOSS_METRICS = ("disentanglement", "ideal_neighbour_accuracy")
 
 
@@ -441,7 +444,8 @@ def analyze(
 
     Args:
         paths: one experiment folder or several.
-        out: output folder, created if missing; files of an earlier report are replaced.
+        out: output folder, created if missing. Files of an earlier report there are
+            replaced, and those this report does not write again are removed.
         metric: metric that ranks trials; default: the first experiment's sweep metric.
         splits: extra two-way groupings, such as ``"content_decay > 0"``; default: that
             split whenever some trials have content_decay 0 and others a positive value.
@@ -474,8 +478,23 @@ def analyze(
         params=tables.searched_params(trials, study),
         files=ReportFiles(out),
     )
+    earlier = report_files(out)
     sections = [_build_section(build, context) for build in SECTIONS]
     report = out / REPORT_FILE
     atomic_write_text(report, render_html(context, sections))
+    written = {path.name for path in context.files.files} | {REPORT_FILE}
+    for name in sorted(earlier - written):
+        (out / name).unlink(missing_ok=True)
+    atomic_write_text(out / MANIFEST_FILE, "".join(f"{name}\n" for name in sorted(written)))
     logger.info("wrote %s with %d figures and tables", report, len(context.files.files))
     return report
+
+
+def report_files(out: Path) -> set[str]:
+    """Return the names of the files that the last report in ``out`` wrote (none if none)."""
+    manifest = Path(out) / MANIFEST_FILE
+    if not manifest.is_file():
+        return set()
+    # Plain names only: a manifest edited to name ../something must not delete it.
+    names = manifest.read_text().split("\n")
+    return {name for name in names if name and name == Path(name).name and name[0] != "."}

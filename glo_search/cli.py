@@ -431,6 +431,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from analysis import AnalysisError, analyze
 
     _check_out_folder(args.out, must_be_empty=False)
+    _check_report_folder(args.out)
     try:
         report = analyze(args.experiments, args.out, args.metric, args.split, args.top)
     except (AnalysisError, ValueError) as error:
@@ -438,6 +439,18 @@ def _run_analyze(args: argparse.Namespace) -> int:
         return 2
     print(f"report: {report.resolve()}")
     return 0
+
+
+def _check_report_folder(out: Path) -> None:
+    """Refuse an --out folder that holds files, unless an earlier report wrote them."""
+    from analysis.report import MANIFEST_FILE, REPORT_FILE
+
+    earlier_report = (out / MANIFEST_FILE).is_file() or (out / REPORT_FILE).is_file()
+    if out.is_dir() and any(out.iterdir()) and not earlier_report:
+        raise ConfigError(
+            f"invalid --out {out}: the folder holds files that no earlier report wrote; "
+            "name a new folder, or the folder of an earlier report to replace it"
+        )
 
 
 def _add_probe(commands) -> None:

@@ -510,6 +510,27 @@ def test_analyze_rejects_folder_given_twice(synthetic_experiment, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_analyze_replaces_earlier_report(synthetic_experiment, tmp_path):
+    out = tmp_path / "report"
+    analysis.analyze(synthetic_experiment, out, splits=["class_dim > 10"])
+    split_files = {p.name for p in out.glob("variants_class_dim*")}
+    assert split_files
+
+    analysis.analyze(synthetic_experiment, out)  # the same report without the split
+
+    assert not {p.name for p in out.glob("variants_class_dim*")}
+    written = set((out / ".glo-search-report").read_text().split())
+    assert written == {p.name for p in out.iterdir()} - {".glo-search-report"}
+
+
+def test_analyze_cli_refuses_folder_of_other_files(synthetic_experiment, tmp_path, capsys):
+    argv = ["-q", "analyze", str(synthetic_experiment), "--out", str(synthetic_experiment)]
+    before = sorted(p.name for p in synthetic_experiment.iterdir())
+    assert main(argv) == 2
+    assert "holds files that no earlier report wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in synthetic_experiment.iterdir()) == before
+
+
 def test_analyze_rejects_file(tmp_path, capsys):
     path = tmp_path / "notes.txt"
     path.write_text("not an experiment")
