@@ -152,8 +152,9 @@ def best_section(context: Context) -> Section:
         "Best trials",
         f"The {min(context.top * 2, len(context.trials))} best trials by their best "
         f"{context.metric}, with the searched "
-        "hyperparameters, the epoch of that best value, the epochs run, the status and the "
-        "best value of every metric over the trial's epochs.",
+        "hyperparameters, the epoch of that best value, the epochs run, the status and "
+        "every other metric at that epoch (at_best_ columns), as the sweep's summary "
+        "shows them.",
     )
     best = tables.best_trials(context.trials, context.metric, context.top * 2, context.params)
     section.blocks.append(context.files.table("best_trials", best))

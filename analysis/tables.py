@@ -114,13 +114,17 @@ def best_trials(trials: pd.DataFrame, metric: str, top: int = 10, params=None) -
     """Return the ``top`` trials by their best value of ``metric``.
 
     Columns: trial_id (and experiment, for several folders), status, the searched
-    hyperparameters, best_epoch (the epoch of the best ``metric``), epochs run, then the
-    best value of every metric, the sorting metric first. Trials without a value sort last.
+    hyperparameters, best_epoch (the epoch of the best ``metric``), epochs run, the best
+    value of ``metric``, then every other metric at best_epoch (``at_best_<name>``, as the
+    sweep's summary prints them; a table without those columns gives each metric's own
+    best). Trials without a value sort last.
     """
     _check_metric(metric)
     params = searched_params(trials) if params is None else params
     metric_columns = [best_column(metric)] + [
-        best_column(name) for name in METRICS if name != metric
+        f"at_best_{name}" if f"at_best_{name}" in trials else best_column(name)
+        for name in METRICS
+        if name != metric
     ]
     leading = (
         ["experiment"] if "experiment" in trials and trials["experiment"].nunique() > 1 else []

@@ -245,6 +245,14 @@ def test_best_trials_order_and_columns():
     assert best.columns[best.columns.get_loc("epochs_run") + 1] == "best_disentanglement"
 
 
+def test_best_trials_other_metrics_at_best_epoch():
+    trials = trials_frame().assign(at_best_recon_error=[0.21, 0.31, 1.0, 0.26, 0.11])
+    best = tables.best_trials(trials, "disentanglement", top=3)
+    assert "at_best_recon_error" in best and "best_recon_error" not in best
+    assert best["at_best_recon_error"].tolist() == [0.26, 0.21, 0.31]
+    assert "best_class_fidelity" in best  # no at_best_ column in this table
+
+
 def test_best_trials_min_metric_sorts_ascending():
     best = tables.best_trials(trials_frame(), "recon_error", top=5)
     assert best["trial_id"].tolist() == ["e", "a", "d", "b", "c"]

@@ -75,7 +75,7 @@ def test_best_trials_match_parquet(report, parquet):
     expected = trials.sort_values("best_disentanglement", ascending=False, kind="stable")
     assert table["trial_id"].tolist() == expected["trial_id"].tolist()
     merged = table.merge(trials, on="trial_id", suffixes=("", "_parquet"))
-    for column in ("best_disentanglement", "best_recon_error", "best_content_leakage"):
+    for column in ("best_disentanglement", "at_best_recon_error", "at_best_content_leakage"):
         np.testing.assert_allclose(merged[column], merged[f"{column}_parquet"])
     assert merged["best_epoch"].tolist() == merged["best_epoch_parquet"].tolist()
     assert merged["status"].tolist() == merged["status_parquet"].tolist()
