@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.tables import best_column, valid_epochs
 from glo_search.metrics import IDEAL_NEIGHBOURS, METRICS
@@ -205,6 +205,12 @@ def plot_metrics_vs_params(
 def _set_scale(axes, scale: str, values: pd.Series) -> None:
     if scale == "log":
         axes.set_xscale("log")
+        positive = values[values > 0]
+        if len(positive) and positive.max() < 1000 * positive.min():
+            # Within three decades, one label per power of ten leaves one or two labels
+            # (class_dim 2-64 showed only "10^1"); label 1, 2 and 5 of each decade.
+            axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     elif scale == "symlog":
         positive = values[values > 0]
         axes.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)

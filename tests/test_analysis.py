@@ -659,3 +659,19 @@ def test_parse_split_rejects_doubled_operator():
 
     with pytest.raises(ValueError, match="is not a value"):
         parse_split("content_decay >> 0")
+
+
+@pytest.mark.parametrize(
+    ("values", "labels"),
+    [
+        ([2, 4, 9, 17, 64], {"2", "5", "10", "20", "50"}),  # a narrow log range
+        ([1e-3, 1e-2, 1e-1, 1, 10], {"$\\mathdefault{10^{-2}}$", "$\\mathdefault{10^{0}}$"}),
+    ],
+)
+def test_metrics_vs_params_log_axis_labels(values, labels):
+    trials = trials_frame().assign(class_dim=values)
+    figure = plots.plot_metrics_vs_params(trials, ["class_dim"], {"class_dim": "log"})
+    axes = figure.axes[0]
+    figure.canvas.draw()
+    shown = {label.get_text() for label in axes.get_xticklabels() if label.get_text()}
+    assert labels <= shown
