@@ -8,9 +8,12 @@ sweep ends with the number of trials it was started with.
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import json
 import logging
 import pickle
+import pickletools
 import posixpath
 from dataclasses import asdict
 from pathlib import Path
@@ -146,6 +149,48 @@ def _settle_finished_trials(location: ExperimentLocation) -> list[str]:
     return settled
 
 
+# The files from which Tuner.restore (Ray 2.60) rebuilds the run, the search algorithm
+# and the searcher, and how each is written; it reads the newest of each, by name. The
+# search algorithm's state is a cloudpickle despite its .json name.
+SAVED_STATE_FORMATS = {
+    "experiment_state-*.json": "json",
+    "search_gen_state-*.json": "pickle",
+    "searcher-state-*.pkl": "pickle",
+}
+
+
+def _check_saved_state(location: ExperimentLocation) -> None:
+    """Raise ConfigError when a file that Tune restores from is empty or cut short.
+
+    A driver killed while Tune copied its state into the folder can leave such a file.
+    Tune then logs "Failed to restore the run state" and starts the sweep afresh in the
+    same folder, which writes a state without the earlier trials: the sweep never ends.
+    Pickles are checked opcode by opcode, without running them.
+    """
+    listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
+    names = [posixpath.basename(info.path) for info in listing]
+    for pattern, kind in SAVED_STATE_FORMATS.items():
+        matching = fnmatch.filter(names, pattern)
+        if not matching:
+            continue
+        name = max(matching)
+        content = location.read_bytes(name)
+        try:
+            if kind == "json":
+                json.loads(content)
+            else:
+                for _ in pickletools.genops(io.BytesIO(content)):
+                    pass
+            if not content:
+                raise ValueError("the file is empty")
+        except ValueError as error:
+            raise ConfigError(
+                f"cannot resume {location.uri}: Ray Tune's saved state {name} is damaged "
+                f"({error}); the driver was probably stopped while writing it. Restore the "
+                "folder from a copy, or start the sweep again"
+            ) from None
+
+
 def _check_tune_state(location: ExperimentLocation) -> None:
     listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
     has_state = any(Path(info.path).name.startswith("experiment_state-") for info in listing)
@@ -216,6 +261,7 @@ def resume(
             settings["metric"],
             rung_epochs(settings),
         )
+        _check_saved_state(location)
         settled = _settle_finished_trials(location)
         if settled:
             logger.info(

@@ -544,3 +544,21 @@ def test_resume_refused_while_sweep_runs(space_file_sweep, tmp_path):
         state_before
     )
     resume(copy, verbose=0)  # the lock ends with its holder
+
+
+@pytest.mark.parametrize("pattern", ["search_gen_state-*.json", "searcher-state-*.pkl"])
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_resume_refuses_damaged_tune_state(space_file_sweep, tmp_path, pattern, cut):
+    _, folder = space_file_sweep
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    damaged = max(copy.glob(pattern))
+    content = damaged.read_bytes()
+    damaged.write_bytes(b"" if cut == "empty" else content[: len(content) // 2])
+    before = {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()}
+
+    with pytest.raises(ConfigError, match=f"saved state {damaged.name} is damaged"):
+        resume(copy, verbose=0)
+
+    # Nothing ran: Tune would otherwise start afresh and write a state without the trials.
+    assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
