@@ -463,6 +463,11 @@ def analyze(
     trials, epochs = combine(experiments)
     if trials.empty:
         raise ValueError(f"{experiments[0].folder}: trials.parquet has no trials to analyze")
+    swept_otherwise = [e.name for e in experiments if e.metric != metric]
+    if swept_otherwise:
+        # Their best_epoch and at_best_ columns follow the metric they were swept by.
+        others = trials["experiment"].isin(swept_otherwise)
+        trials.loc[others] = tables.ranked_by(trials[others], epochs, metric)
     parsed = [s if isinstance(s, tables.Split) else tables.parse_split(s) for s in splits]
     for split in parsed:
         split.labels(trials)  # reject a split on a missing column before any work

@@ -143,6 +143,35 @@ def best_trials(trials: pd.DataFrame, metric: str, top: int = 10, params=None) -
     return ordered[[c for c in columns if c in trials]].head(top).reset_index(drop=True)
 
 
+def ranked_by(trials: pd.DataFrame, epochs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Return a copy of trials whose best_epoch and at_best_<name> follow ``metric``.
+
+    trials.parquet takes them at the best epoch of the sweep's own metric. A report
+    ranked by another metric recomputes them from the epoch rows, as the sweep would have.
+    Trials without epoch rows keep their values.
+    """
+    from glo_search.results import summarize
+
+    _check_metric(metric)
+    keys = ["experiment", "trial_id"] if "experiment" in trials and "experiment" in epochs else []
+    keys = keys or ["trial_id"]
+    rows_of = {}
+    for key, group in epochs.groupby(keys, sort=False):
+        rows_of[key if isinstance(key, tuple) else (key,)] = group.sort_values("epoch").to_dict(
+            "records"
+        )
+    ranked = trials.copy()
+    for index, trial in trials.iterrows():
+        rows = rows_of.get(tuple(trial[k] for k in keys))
+        if not rows:
+            continue
+        summary = summarize(rows, metric, METRICS[metric].mode)
+        ranked.at[index, "best_epoch"] = summary["best_epoch"]
+        for name in METRICS:
+            ranked.at[index, f"at_best_{name}"] = summary[f"at_best_{name}"]
+    return ranked
+
+
 def best_trial(trials: pd.DataFrame, metric: str) -> pd.Series:
     """Return the trials row with the best value of ``metric``."""
     if trials.empty or trials[best_column(metric)].isna().all():

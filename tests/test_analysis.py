@@ -675,3 +675,20 @@ def test_metrics_vs_params_log_axis_labels(values, labels):
     figure.canvas.draw()
     shown = {label.get_text() for label in axes.get_xticklabels() if label.get_text()}
     assert labels <= shown
+
+
+def test_report_ranked_by_other_metric_takes_its_best_epoch(synthetic_experiment, tmp_path):
+    # The synthetic sweep ranked by disentanglement; this report ranks by content_leakage.
+    analysis.analyze(synthetic_experiment, tmp_path / "out", metric="content_leakage")
+    table = pd.read_csv(tmp_path / "out" / "best_trials.csv", dtype={"trial_id": str})
+    _, epochs = analysis.load(synthetic_experiment)
+    checked = 0
+    for row in table.itertuples():
+        rows = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
+        if rows.empty:
+            continue
+        best = rows.loc[rows["content_leakage"].idxmin()]  # the first epoch at the minimum
+        assert row.best_epoch == best["epoch"], row.trial_id
+        assert row.at_best_disentanglement == pytest.approx(best["disentanglement"])
+        checked += 1
+    assert checked > 0
