@@ -265,8 +265,9 @@ def checkpoint_file(path: str | Path) -> Path:
             return path / name
     if (path / TRIALS_FILE).is_file():
         return _recorded_checkpoint(path, None) / CHECKPOINT_FILE
-    if (path.parent / TRIALS_FILE).is_file():
-        return _recorded_checkpoint(path.parent, path.name) / CHECKPOINT_FILE
+    folder = path.resolve()  # "." or a link names a trial folder too
+    if (folder.parent / TRIALS_FILE).is_file():
+        return _recorded_checkpoint(folder.parent, folder.name) / CHECKPOINT_FILE
     raise ProbeError(
         f"no {CHECKPOINT_FILE} or {BEST_CHECKPOINT} in folder {path}; pass a checkpoint "
         "file, a checkpoint folder, or the folder of a train run, a sweep or a trial"

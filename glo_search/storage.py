@@ -194,21 +194,48 @@ def driver_lock(location: ExperimentLocation) -> Iterator[None]:
     if fcntl is None or not location.is_local:
         yield
         return
-    with open(Path(location.path) / LOCK_FILE, "a+") as handle:
+    path = Path(location.path) / LOCK_FILE
+    descriptor = _open_lock_file(path)
+    with os.fdopen(descriptor, "r+b" if _writable(descriptor) else "rb") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = handle.read().decode(errors="replace").strip() or "unknown"
             raise ConfigError(
                 f"another glo-search process (pid {holder}) is running the sweep in "
                 f"{location.uri}; wait for it to end, or stop it (Ctrl-C) and resume then"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        if handle.writable():
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n".encode())
+            handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open the lock file without following a link; read-only if it cannot be written."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(path, flags | os.O_RDWR, 0o644)
+        except PermissionError:
+            return os.open(path, flags | os.O_RDONLY)  # flock needs no write access
+    except OSError as error:
+        if path.is_symlink():
+            problem = "it is a symbolic link"
+        elif path.is_dir():
+            problem = "it is a folder"
+        else:
+            problem = error.strerror
+        raise ConfigError(
+            f"cannot lock {path}: {problem}; remove it (glo-search makes it again)"
+        ) from None
+
+
+def _writable(descriptor: int) -> bool:
+    return fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR

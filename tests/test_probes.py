@@ -270,6 +270,13 @@ def test_checkpoint_of_sweep_folders(sweep_folder):
     )
 
 
+def test_checkpoint_of_trial_folder_named_by_dot(sweep_folder, monkeypatch):
+    monkeypatch.chdir(sweep_folder / "trial_a")
+    assert checkpoint_file(".").resolve() == (
+        sweep_folder / "trial_a" / "checkpoint_000000" / "trainer.pt"
+    )
+
+
 def test_probe_command_on_experiment_folder(sweep_folder, tmp_path, capsys):
     argv = ["probe", str(sweep_folder), "--class-label", "2", "--content-index", "3"]
     assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow.fs as pafs
 import pytest
 
 from glo_search.config import ConfigError
 from glo_search.results import EPOCHS_FILE, TRIALS_FILE, ResultsWriter, table_bytes
-from glo_search.storage import locate, open_experiment
+from glo_search.storage import LOCK_FILE, driver_lock, locate, open_experiment
 
 
 def test_locate_local_path_and_file_uri_agree(tmp_path):
@@ -64,3 +66,31 @@ def test_create_leaves_only_the_folder(tmp_path):
 
 def test_open_experiment_filesystem_of_uri(tmp_path):
     assert isinstance(open_experiment(f"file://{tmp_path}").filesystem, pafs.LocalFileSystem)
+
+
+def test_lock_held_once_and_released(tmp_path):
+    location = open_experiment(tmp_path)
+    with driver_lock(location):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+            with driver_lock(location):
+                pass
+    with driver_lock(location):  # released when the holder left
+        pass
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_lock_file_that_is_not_a_file(tmp_path, kind):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    if kind == "symlink":
+        (folder / LOCK_FILE).symlink_to(target)
+    else:
+        (folder / LOCK_FILE).mkdir()
+    message = "symbolic link" if kind == "symlink" else "it is a folder"
+    with pytest.raises(ConfigError, match=message):
+        with driver_lock(open_experiment(folder)):
+            pass
+    assert target.read_text() == "keep me"
