@@ -118,9 +118,9 @@ def _settle_finished_trials(location: ExperimentLocation) -> list[str]:
 
     Tune saves its state after trial checkpoints, not when a trial ends. A driver stopped
     just after a trial ended leaves that trial unfinished in the state, and
-    Tuner.restore would run it again from its latest checkpoint: past the epoch where
-    ASHA stopped it, while trials.parquet and the Optuna study keep the first run and
-    its checkpoint path names a checkpoint that the rerun deletes.
+    Tuner.restore would run it again from its latest checkpoint, past the epoch where
+    ASHA stopped it. trials.parquet and the Optuna study would keep the first run, and
+    its checkpoint path would name a checkpoint that the rerun deletes.
 
     Returns the ids of the trials changed in the newest experiment_state file.
     """
@@ -150,7 +150,7 @@ def _settle_finished_trials(location: ExperimentLocation) -> list[str]:
 
 
 # The files from which Tuner.restore (Ray 2.60) rebuilds the run, the search algorithm
-# and the searcher, and how each is written; it reads the newest of each, by name. The
+# and the searcher, with the format of each. Tune reads the newest of each, by name. The
 # search algorithm's state is a cloudpickle despite its .json name.
 SAVED_STATE_FORMATS = {
     "experiment_state-*.json": "json",
