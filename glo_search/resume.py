@@ -124,16 +124,13 @@ def _settle_finished_trials(location: ExperimentLocation) -> list[str]:
 
     Returns the ids of the trials changed in the newest experiment_state file.
     """
-    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
-
     statuses = _table_statuses(location)
     ended = {trial_id for trial_id, status in statuses.items() if status in FINAL_STATUSES}
     if not ended:
         return []
     # NOTE: Ray 2.60's experiment_state file: JSON whose "trial_data" lists, per trial,
     # [JSON text of the trial's fields, JSON text of its run metadata].
-    newest = _find_newest_experiment_checkpoint(location.path, fs=location.filesystem)
-    name = posixpath.basename(newest)
+    name = _newest_state_file(location, "experiment_state-*.json")
     state = json.loads(location.read_bytes(name))
     settled = []
     for entry in state["trial_data"]:
@@ -159,6 +156,13 @@ SAVED_STATE_FORMATS = {
 }
 
 
+def _newest_state_file(location: ExperimentLocation, pattern: str) -> str | None:
+    """Return the name of the newest file matching pattern, as Tune picks it: the last by name."""
+    listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
+    matching = fnmatch.filter([posixpath.basename(info.path) for info in listing], pattern)
+    return max(matching) if matching else None
+
+
 def _check_saved_state(location: ExperimentLocation) -> None:
     """Raise ConfigError when a file that Tune restores from is empty or cut short.
 
@@ -167,22 +171,18 @@ def _check_saved_state(location: ExperimentLocation) -> None:
     same folder, which writes a state without the earlier trials: the sweep never ends.
     Pickles are checked opcode by opcode, without running them.
     """
-    listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
-    names = [posixpath.basename(info.path) for info in listing]
     for pattern, kind in SAVED_STATE_FORMATS.items():
-        matching = fnmatch.filter(names, pattern)
-        if not matching:
+        name = _newest_state_file(location, pattern)
+        if name is None:
             continue
-        name = max(matching)
         content = location.read_bytes(name)
         try:
+            # Both raise ValueError for an empty file too.
             if kind == "json":
                 json.loads(content)
             else:
                 for _ in pickletools.genops(io.BytesIO(content)):
                     pass
-            if not content:
-                raise ValueError("the file is empty")
         except ValueError as error:
             raise ConfigError(
                 f"cannot resume {location.uri}: Ray Tune's saved state {name} is damaged "
@@ -192,8 +192,7 @@ def _check_saved_state(location: ExperimentLocation) -> None:
 
 
 def _check_tune_state(location: ExperimentLocation) -> None:
-    listing = location.filesystem.get_file_info(pafs.FileSelector(location.path))
-    has_state = any(Path(info.path).name.startswith("experiment_state-") for info in listing)
+    has_state = _newest_state_file(location, "experiment_state-*.json") is not None
     if not location.has_file(TUNER_FILE) or not has_state:
         raise ConfigError(
             f"{location.uri} has no saved Ray Tune state ({TUNER_FILE} and "
