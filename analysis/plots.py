@@ -207,8 +207,8 @@ def _set_scale(axes, scale: str, values: pd.Series) -> None:
         axes.set_xscale("log")
         positive = values[values > 0]
         if len(positive) and positive.max() < 1000 * positive.min():
-            # Within three decades, one label per power of ten leaves one or two labels
-            # (class_dim 2-64 showed only "10^1"); label 1, 2 and 5 of each decade.
+            # Within three decades, one label per power of ten leaves one or two labels,
+            # so class_dim 2-64 showed only "10^1". Label 1, 2 and 5 of each decade.
             axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     elif scale == "symlog":

@@ -497,7 +497,7 @@ def analyze(
 
 
 def report_files(out: Path) -> set[str]:
-    """Return the names of the files that the last report in ``out`` wrote (none if none)."""
+    """Return the names of the files that the last report in ``out`` wrote, or an empty set."""
     manifest = Path(out) / MANIFEST_FILE
     if not manifest.is_file():
         return set()

@@ -153,13 +153,13 @@ def ranked_by(trials: pd.DataFrame, epochs: pd.DataFrame, metric: str) -> pd.Dat
     from glo_search.results import summarize
 
     _check_metric(metric)
-    keys = ["experiment", "trial_id"] if "experiment" in trials and "experiment" in epochs else []
-    keys = keys or ["trial_id"]
-    rows_of = {}
-    for key, group in epochs.groupby(keys, sort=False):
-        rows_of[key if isinstance(key, tuple) else (key,)] = group.sort_values("epoch").to_dict(
-            "records"
-        )
+    several = "experiment" in trials and "experiment" in epochs
+    keys = ["experiment", "trial_id"] if several else ["trial_id"]
+    # Grouping by a list gives tuple keys, even for a list of one column (pandas 2).
+    rows_of = {
+        key: group.sort_values("epoch").to_dict("records")
+        for key, group in epochs.groupby(keys, sort=False)
+    }
     ranked = trials.copy()
     for index, trial in trials.iterrows():
         rows = rows_of.get(tuple(trial[k] for k in keys))
@@ -509,7 +509,7 @@ class Split:
         values = trials[self.column]
         if isinstance(self.value, str) and pd.api.types.is_numeric_dtype(values):
             raise ValueError(
-                f"invalid split {self.label!r}: {self.column} holds numbers and "
+                f"invalid split {self.label!r}: {self.column} contains numbers and "
                 f"{self.value!r} is not a number"
             )
         if isinstance(self.value, float):

@@ -442,13 +442,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _check_report_folder(out: Path) -> None:
-    """Refuse an --out folder that holds files, unless an earlier report wrote them."""
+    """Reject an --out folder that contains files, unless an earlier report wrote them."""
     from analysis.report import MANIFEST_FILE, REPORT_FILE
 
     earlier_report = (out / MANIFEST_FILE).is_file() or (out / REPORT_FILE).is_file()
     if out.is_dir() and any(out.iterdir()) and not earlier_report:
         raise ConfigError(
-            f"invalid --out {out}: the folder holds files that no earlier report wrote; "
+            f"invalid --out {out}: the folder contains files that no earlier report wrote; "
             "name a new folder, or the folder of an earlier report to replace it"
         )
 

@@ -89,7 +89,7 @@ def _check_result_tables(location: ExperimentLocation) -> None:
 
 
 def finished(experiment: str | Path | ExperimentLocation) -> bool:
-    """Return whether every trial the sweep asked for has a final status (nothing to resume).
+    """Return whether every trial the sweep requested has a final status (nothing to resume).
 
     Reads experiment.json and trials.parquet only, without starting Ray. Raises
     ConfigError, as resume does, for a folder that is not an experiment or whose tables

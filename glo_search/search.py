@@ -598,11 +598,11 @@ def configure_tune_environment() -> None:
 class MisleadingTuneLines(logging.Filter):
     """Drop two lines that Ray Tune (2.60) logs when a sweep is interrupted.
 
-    One tells the user to resume with Tuner.restore, which would skip what
-    glo_search.resume does (rebuilding the trainable, refilling the ASHA rungs, pointing
-    the study at a moved folder); the summary prints `glo-search resume` instead. The
-    other reports a FileNotFoundError for each trial stopped before its first result,
-    which has no results to lose. Its other errors are kept.
+    One suggests resuming with Tuner.restore, which would skip what glo_search.resume
+    does: rebuilding the trainable, refilling the ASHA rungs and pointing the study at a
+    moved folder. The summary prints `glo-search resume` instead. The other reports a
+    FileNotFoundError for each trial stopped before its first result, which has no
+    results to lose. Its other errors are kept.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -248,7 +248,8 @@ def test_best_trials_order_and_columns():
 def test_best_trials_other_metrics_at_best_epoch():
     trials = trials_frame().assign(at_best_recon_error=[0.21, 0.31, 1.0, 0.26, 0.11])
     best = tables.best_trials(trials, "disentanglement", top=3)
-    assert "at_best_recon_error" in best and "best_recon_error" not in best
+    assert "at_best_recon_error" in best
+    assert "best_recon_error" not in best
     assert best["at_best_recon_error"].tolist() == [0.26, 0.21, 0.31]
     assert "best_class_fidelity" in best  # no at_best_ column in this table
 
@@ -500,7 +501,7 @@ def test_study_missing_gives_none(synthetic_experiment, tmp_path):
         (["--split", "lambda"], "invalid split 'lambda'"),
         (["--split", "lambda > 0"], "column 'lambda'"),
         (["--top", "0"], "invalid top=0"),
-        (["--split", "class_dim > abc"], "class_dim holds numbers and 'abc' is not a number"),
+        (["--split", "class_dim > abc"], "class_dim contains numbers and 'abc' is not a number"),
         (["--split", "noise_std == 1e-9x"], "'1e-9x' is not a number"),
     ],
 )
@@ -531,11 +532,11 @@ def test_analyze_replaces_earlier_report(synthetic_experiment, tmp_path):
     assert written == {p.name for p in out.iterdir()} - {".glo-search-report"}
 
 
-def test_analyze_cli_refuses_folder_of_other_files(synthetic_experiment, tmp_path, capsys):
+def test_analyze_cli_rejects_other_folder(synthetic_experiment, tmp_path, capsys):
     argv = ["-q", "analyze", str(synthetic_experiment), "--out", str(synthetic_experiment)]
     before = sorted(p.name for p in synthetic_experiment.iterdir())
     assert main(argv) == 2
-    assert "holds files that no earlier report wrote" in capsys.readouterr().err
+    assert "contains files that no earlier report wrote" in capsys.readouterr().err
     assert sorted(p.name for p in synthetic_experiment.iterdir()) == before
 
 
@@ -673,11 +674,11 @@ def test_metrics_vs_params_log_axis_labels(values, labels):
     figure = plots.plot_metrics_vs_params(trials, ["class_dim"], {"class_dim": "log"})
     axes = figure.axes[0]
     figure.canvas.draw()
-    shown = {label.get_text() for label in axes.get_xticklabels() if label.get_text()}
-    assert labels <= shown
+    tick_labels = {label.get_text() for label in axes.get_xticklabels() if label.get_text()}
+    assert labels <= tick_labels
 
 
-def test_report_ranked_by_other_metric_takes_its_best_epoch(synthetic_experiment, tmp_path):
+def test_report_other_metric_best_epoch(synthetic_experiment, tmp_path):
     # The synthetic sweep ranked by disentanglement; this report ranks by content_leakage.
     analysis.analyze(synthetic_experiment, tmp_path / "out", metric="content_leakage")
     table = pd.read_csv(tmp_path / "out" / "best_trials.csv", dtype={"trial_id": str})

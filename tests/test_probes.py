@@ -270,7 +270,7 @@ def test_checkpoint_of_sweep_folders(sweep_folder):
     )
 
 
-def test_checkpoint_of_trial_folder_named_by_dot(sweep_folder, monkeypatch):
+def test_checkpoint_of_dot_trial_folder(sweep_folder, monkeypatch):
     monkeypatch.chdir(sweep_folder / "trial_a")
     assert checkpoint_file(".").resolve() == (
         sweep_folder / "trial_a" / "checkpoint_000000" / "trainer.pt"

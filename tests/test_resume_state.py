@@ -507,7 +507,7 @@ def _set_tune_status(folder, status: str) -> None:
     path.write_text(json.dumps(state))
 
 
-def test_resume_keeps_trial_that_ended_after_tune_saved(space_file_sweep, tmp_path, caplog):
+def test_resume_keeps_late_ended_trial(space_file_sweep, tmp_path, caplog):
     _, folder = space_file_sweep
     copy = tmp_path / "exp"
     shutil.copytree(folder, copy)
@@ -528,14 +528,14 @@ def test_resume_keeps_trial_that_ended_after_tune_saved(space_file_sweep, tmp_pa
     assert pq.read_table(copy / TRIALS_FILE).to_pylist() == row_before
 
 
-def test_resume_refused_while_sweep_runs(space_file_sweep, tmp_path):
+def test_resume_rejected_while_locked(space_file_sweep, tmp_path):
     _, folder = space_file_sweep
     copy = tmp_path / "exp"
     shutil.copytree(folder, copy)
     _set_status(copy, "running")
     state_before = {path.name: path.read_bytes() for path in copy.glob("experiment_state-*")}
 
-    with driver_lock(open_experiment(copy)):  # as the sweep's driver holds it
+    with driver_lock(open_experiment(copy)):  # the lock a running sweep's driver has
         with pytest.raises(ConfigError, match=f"pid {os.getpid()}\\) is running the sweep in"):
             resume(copy, verbose=0)
         assert cli.main(["resume", str(copy)]) == 2
@@ -548,7 +548,7 @@ def test_resume_refused_while_sweep_runs(space_file_sweep, tmp_path):
 
 @pytest.mark.parametrize("pattern", ["search_gen_state-*.json", "searcher-state-*.pkl"])
 @pytest.mark.parametrize("cut", ["empty", "half"])
-def test_resume_refuses_damaged_tune_state(space_file_sweep, tmp_path, pattern, cut):
+def test_resume_rejects_damaged_state(space_file_sweep, tmp_path, pattern, cut):
     _, folder = space_file_sweep
     copy = tmp_path / "exp"
     shutil.copytree(folder, copy)

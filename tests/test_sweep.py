@@ -304,7 +304,7 @@ def test_sweep_name_of_255_bytes_is_valid():
 
 
 @pytest.mark.parametrize(
-    ("message", "shown"),
+    ("message", "kept"),
     [
         ("Experiment has been interrupted, but the most recent state was saved.", False),
         ("Failed to fetch metrics for 1 trial(s):\n- t1: FileNotFoundError('no results')", False),
@@ -316,10 +316,10 @@ def test_sweep_name_of_255_bytes_is_valid():
         ("Trial t1 completed after 2 iterations", True),
     ],
 )
-def test_misleading_tune_lines_dropped(message, shown):
+def test_misleading_tune_lines_dropped(message, kept):
     configure_tune_environment()
     tune_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     record = tune_logger.makeRecord(
         tune_logger.name, logging.WARNING, __file__, 1, message, (), None
     )
-    assert tune_logger.filter(record) == shown
+    assert tune_logger.filter(record) == kept
